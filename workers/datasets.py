@@ -1,0 +1,280 @@
+"""Datasets: `.npz` arrays and image-folder archives, read safely. Torch-free (numpy + Pillow),
+so the API validates uploads with the same code the engine loads them with.
+
+* `.npz` is read with `allow_pickle=False`: an object array is refused, never unpickled.
+* Archives (zip, tar, tar.gz) are read member by member, never `extractall`-ed: names that
+  are absolute, contain `..`, or are links are refused; total size, member count and the
+  compression ratio are bounded (zip bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from workers.errors import BadDataset
+
+MAX_ARCHIVE_BYTES = 4 * 1024**3  # total uncompressed
+MAX_MEMBERS = 500_000
+MAX_RATIO = 200.0  # uncompressed / compressed, per member and in total
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str] | None = None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "train": int(len(self.x_train)),
+            "test": int(len(self.x_test)),
+            "sample_shape": list(self.sample_shape),
+            "x_dtype": str(self.x_train.dtype),
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+        }
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_test = max(1, int(round(len(x) * test_fraction)))
+    if n_test >= len(x):
+        raise BadDataset(f"{len(x)} samples are too few to split off a test set")
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _check_arrays(ds: Dataset, task: str) -> Dataset:
+    for name in ("x_train", "x_test", "y_train", "y_test"):
+        arr = getattr(ds, name)
+        if arr.dtype == object:
+            raise BadDataset(f"{name} is an object array; store plain numeric arrays")
+        if arr.size == 0 or len(arr) == 0:
+            raise BadDataset(f"{name} is empty")
+    if len(ds.x_train) != len(ds.y_train) or len(ds.x_test) != len(ds.y_test):
+        raise BadDataset(
+            f"x and y lengths differ (train {len(ds.x_train)} vs {len(ds.y_train)}, "
+            f"test {len(ds.x_test)} vs {len(ds.y_test)})"
+        )
+    if ds.x_train.shape[1:] != ds.x_test.shape[1:]:
+        raise BadDataset(
+            f"x_train samples have shape {ds.x_train.shape[1:]} but x_test samples {ds.x_test.shape[1:]}"
+        )
+    if task == "classification":
+        for name in ("y_train", "y_test"):
+            y = getattr(ds, name)
+            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+                raise BadDataset(f"{name} must be a 1-D integer array of class indices (got {y.dtype}{list(y.shape)})")
+            if y.min() < 0:
+                raise BadDataset(f"{name} has negative class indices")
+        if not np.issubdtype(ds.x_train.dtype, np.number):
+            raise BadDataset(f"x_train has non-numeric dtype {ds.x_train.dtype}")
+        if np.issubdtype(ds.x_train.dtype, np.floating):
+            if not (np.isfinite(ds.x_train).all() and np.isfinite(ds.x_test).all()):
+                raise BadDataset("x contains NaN or infinite values")
+    else:  # language_modeling: int token sequences [N, T]
+        for name in ("x_train", "x_test"):
+            x = getattr(ds, name)
+            if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
+                raise BadDataset(f"{name} must be a 2-D integer array of token ids [N, T]")
+    return ds
+
+
+def load_npz(path: str | os.PathLike[str], task: str = "classification", split: float = 0.2, seed: int = 0) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+                ds = Dataset(z["x_train"], z["y_train"], z["x_test"], z["y_test"])
+            elif {"x", "y"} <= keys:
+                ds = Dataset(*_split(z["x"], z["y"], split, seed))
+            elif task == "language_modeling" and {"train", "test"} <= keys:
+                tr, te = z["train"], z["test"]
+                ds = Dataset(tr, tr, te, te)
+            else:
+                raise BadDataset(
+                    f"the .npz holds {sorted(keys)}; it needs x_train, y_train, x_test, y_test "
+                    "(or x and y, split by data.split)"
+                )
+    except BadDataset:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower() or "object" in str(exc).lower():
+            raise BadDataset(
+                "the .npz contains pickled (object) arrays, which are never loaded; "
+                "save plain numeric arrays with numpy.savez"
+            ) from None
+        raise BadDataset(f"cannot read the .npz: {exc}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise BadDataset(f"cannot read the .npz ({type(exc).__name__}: {exc}); is the file complete?") from None
+    return _check_arrays(ds, task)
+
+
+# ---------------------------------------------------------------- archives
+
+
+def _safe_name(name: str) -> PurePosixPath:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+        raise BadDataset(f"archive member {name!r} has an unsafe path (absolute or with '..'); refusing the archive")
+    return p
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
+    """Yield (safe relative path, bytes) of regular files, with bomb and traversal guards."""
+    compressed = max(path.stat().st_size, 1)
+    total = 0
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_MEMBERS:
+                raise BadDataset(f"the archive has {len(infos)} members, over the {MAX_MEMBERS} limit")
+            declared = sum(i.file_size for i in infos)
+            if declared > MAX_ARCHIVE_BYTES or declared / compressed > MAX_RATIO:
+                raise BadDataset(
+                    f"the archive expands to {declared} bytes from {compressed} "
+                    f"(ratio {declared / compressed:.0f}); refusing a possible zip bomb"
+                )
+            for info in infos:
+                name = _safe_name(info.filename)
+                mode = (info.external_attr >> 16) & 0o170000
+                if mode == 0o120000:
+                    raise BadDataset(f"archive member {info.filename!r} is a symbolic link; refusing the archive")
+                if info.is_dir():
+                    continue
+                # Read with a hard cap: declared sizes can lie.
+                with zf.open(info) as fh:
+                    data = fh.read(info.file_size + 1)
+                if len(data) > info.file_size:
+                    raise BadDataset(f"archive member {info.filename!r} is larger than it declares")
+                total += len(data)
+                if total > MAX_ARCHIVE_BYTES:
+                    raise BadDataset("the archive expands past the size limit")
+                yield name, data
+        return
+    try:
+        tf = tarfile.open(path, "r:*")
+    except tarfile.TarError:
+        raise BadDataset("the archive is neither a zip nor a tar file") from None
+    with tf:
+        count = 0
+        for member in tf:
+            count += 1
+            if count > MAX_MEMBERS:
+                raise BadDataset(f"the archive has more than {MAX_MEMBERS} members")
+            name = _safe_name(member.name)
+            if member.issym() or member.islnk() or member.isdev():
+                raise BadDataset(f"archive member {member.name!r} is a link or device; refusing the archive")
+            if not member.isfile():
+                continue
+            total += member.size
+            if total > MAX_ARCHIVE_BYTES or total / compressed > MAX_RATIO * 10:
+                raise BadDataset("the archive expands past the size or ratio limit (possible bomb)")
+            fh = tf.extractfile(member)
+            if fh is None:
+                continue
+            data = fh.read(member.size + 1)
+            if len(data) > member.size:
+                raise BadDataset(f"archive member {member.name!r} is larger than it declares")
+            yield name, data
+
+
+def load_image_archive(
+    path: str | os.PathLike[str],
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Dataset:
+    """`train/<class>/*.png` and `test/<class>/*.png` → float32 NCHW arrays."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for single images
+    splits: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
+    for name, data in _iter_archive(Path(path)):
+        parts = [p for p in name.parts if p not in ("", ".")]
+        # Allow one wrapping folder: root/train/cls/img.png
+        if len(parts) == 4 and parts[1] in splits:
+            parts = parts[1:]
+        if len(parts) != 3 or parts[0] not in splits:
+            continue
+        if PurePosixPath(parts[2]).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img = img.convert("L" if grayscale else "RGB")
+                if image_size is not None:
+                    img = img.resize((image_size[1], image_size[0]))
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise BadDataset(f"archive member {'/'.join(parts)!r} is not a readable image ({exc})") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        splits[parts[0]].append((parts[1], arr))
+    if not splits["train"] or not splits["test"]:
+        raise BadDataset(
+            "the archive needs images under train/<class>/ and test/<class>/ "
+            f"(found {len(splits['train'])} train and {len(splits['test'])} test images)"
+        )
+    classes = sorted({c for c, _ in splits["train"]} | {c for c, _ in splits["test"]})
+    index = {c: i for i, c in enumerate(classes)}
+    shapes = {a.shape for _, a in splits["train"] + splits["test"]}
+    if len(shapes) != 1:
+        raise BadDataset(f"images have different sizes {sorted(shapes)[:4]}; declare data.image_size to resize them")
+
+    def stack(items: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.stack([a for _, a in items]).astype(np.float32)
+        if mean is not None:
+            x = x - np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1)
+        if std is not None:
+            x = x / np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1)
+        return x, np.array([index[c] for c, _ in items], dtype=np.int64)
+
+    x_train, y_train = stack(splits["train"])
+    x_test, y_test = stack(splits["test"])
+    return _check_arrays(Dataset(x_train, y_train, x_test, y_test, classes=classes), "classification")
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    task: str = "classification",
+    split: float = 0.2,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool = False,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise BadDataset(f"dataset file {str(path)!r} does not exist")
+    if path.suffix == ".npz":
+        return load_npz(path, task=task, split=split, seed=seed)
+    if zipfile.is_zipfile(path) or tarfile.is_tarfile(path):
+        if task != "classification":
+            raise BadDataset("image archives are for classification; language models take an .npz of token ids")
+        return load_image_archive(path, image_size=image_size, grayscale=grayscale, mean=mean, std=std)
+    raise BadDataset(
+        f"{path.name}: unknown dataset format; upload an .npz (x_train, y_train, x_test, y_test) "
+        "or a zip/tar of train/<class>/*.png and test/<class>/*.png"
+    )
