@@ -1,0 +1,119 @@
+"""Settings: one pydantic-settings class, read from `PRUNERY_*` environment variables.
+
+The defaults are the embedded single-machine setup (SQLite, a local artifact directory,
+kombu's filesystem transport); `prunery serve` fills them in. A deployment sets
+`PRUNERY_ENVIRONMENT=production`, and then the unsafe defaults are refused.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    return Path.home() / ".prunery"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRUNERY_", extra="ignore")
+
+    environment: Literal["development", "test", "production"] = "development"
+
+    # --- persistence
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{default_home() / 'prunery.db'}",
+        description="SQLAlchemy URL; postgresql+psycopg://... in deployment.",
+    )
+    database_pool_size: int = 10
+    database_max_overflow: int = 20
+
+    # --- broker
+    broker_url: str = Field(
+        default="filesystem://",
+        description="Celery broker: redis://host:6379/0 in deployment, filesystem:// embedded.",
+    )
+    broker_folder: Path = Field(
+        default_factory=lambda: default_home() / "broker",
+        description="Folder of kombu's filesystem transport (only for filesystem://).",
+    )
+    job_queue: str = Field(default="gpu", description="Queue that run_job tasks are routed to.")
+    control_queue: str = Field(default="control", description="Queue of the reaper task.")
+
+    # --- storage
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Field(default_factory=lambda: default_home() / "artifacts")
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(default=None, description="e.g. http://minio:9000")
+    s3_region: str | None = None
+    worker_cache_dir: Path = Field(
+        default_factory=lambda: default_home() / "worker-cache",
+        description="Where a worker keeps local copies of inputs fetched from S3.",
+    )
+
+    # --- limits
+    max_model_bytes: int = 2 * 1024**3
+    max_dataset_bytes: int = 4 * 1024**3
+    max_active_jobs_per_tenant: int = Field(
+        default=100, description="queued+running jobs one tenant may have; more → 429."
+    )
+    rate_limit_per_minute: int = Field(
+        default=6000, description="Requests per API key per minute (in-process); 0 disables."
+    )
+    page_size_max: int = 200
+
+    # --- job execution
+    job_soft_time_limit_s: int = Field(
+        default=6 * 3600, description="The engine is asked to stop (SoftTimeLimitExceeded)."
+    )
+    job_hard_time_limit_s: int = Field(
+        default=6 * 3600 + 300, description="The worker child is killed after this."
+    )
+    heartbeat_interval_s: float = Field(default=10.0, description="Worker heartbeat period.")
+    heartbeat_timeout_s: float = Field(
+        default=120.0, description="A running job whose heartbeat is older is presumed lost."
+    )
+    reaper_interval_s: float = Field(default=30.0, description="How often the reaper runs.")
+    requeue_queued_after_s: float = Field(
+        default=600.0,
+        description="A queued job not picked up for this long is re-published (broker lost it).",
+    )
+    max_attempts: int = Field(
+        default=3, description="Runs per job before a lost worker fails the job for good."
+    )
+    progress_min_interval_s: float = Field(
+        default=0.5, description="Throttle of progress writes to the database."
+    )
+
+    # --- SSE
+    events_poll_interval_s: float = 0.5
+    events_keepalive_s: float = 15.0
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> Settings:
+        if self.environment != "production":
+            return self
+        problems = []
+        if self.database_url.startswith("sqlite"):
+            problems.append("PRUNERY_DATABASE_URL must point at Postgres, not SQLite")
+        if self.broker_url.startswith(("filesystem", "memory")):
+            problems.append("PRUNERY_BROKER_URL must be a real broker (redis://...)")
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            problems.append("PRUNERY_S3_BUCKET is required with PRUNERY_STORAGE_BACKEND=s3")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

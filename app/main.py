@@ -1,0 +1,77 @@
+"""The HTTP API: `create_app(settings)` builds a FastAPI app wired to one database, one
+artifact store and one broker. Run it with `uvicorn app.main:app` (or `prunery serve`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker
+from app.deps import RateLimiter
+from app.errors import install_handlers
+from app.metrics import MetricsMiddleware
+from app.routes import datasets, jobs, meta, models
+from app.storage import make_storage
+
+DESCRIPTION = """Prunery compresses neural networks: upload an ONNX model and a dataset,
+submit a pruning job, and download a structurally pruned ONNX model with a report.
+
+Every error has the shape `{"error": "<code>", "detail": "<what to fix>"}`.
+Authenticate with `Authorization: Bearer <API key>`.
+
+Job states: `queued → running → succeeded | failed | cancelled` (and `cancelling`). A job
+that produced its model but missed a gate (e.g. `gates.max_accuracy_drop`) ends
+`succeeded` with `gates_passed: false`.
+"""
+
+
+def _operation_id(route: APIRoute) -> str:
+    tag = route.tags[0] if route.tags else "default"
+    return f"{tag}-{route.name}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    from workers.celery_app import make_celery
+
+    engine = make_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Prunery",
+        version="0.1.0",
+        description=DESCRIPTION,
+        generate_unique_id_function=_operation_id,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.storage = make_storage(settings)
+    app.state.celery = make_celery(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+
+    install_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    for module in (models, datasets, jobs, meta):
+        app.include_router(module.router)
+    logging.getLogger("prunery").setLevel(logging.INFO)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app` builds the app from the environment on first access.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

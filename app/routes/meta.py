@@ -1,0 +1,74 @@
+"""Unauthenticated endpoints: method catalog, health, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from app.errors import error_responses
+from app.metrics import JOBS_BY_STATUS, REGISTRY
+from app.models import Job
+from app.schemas import Health, MethodPublic, MethodsPublic, Readiness
+from workers.methods.catalog import list_methods
+
+router = APIRouter()
+
+STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+@router.get("/v1/methods", response_model=MethodsPublic, tags=["methods"])
+def get_methods() -> MethodsPublic:
+    data = [MethodPublic(**m.describe()) for m in list_methods()]
+    return MethodsPublic(data=data, count=len(data))
+
+
+@router.get("/healthz", response_model=Health, tags=["health"], summary="The process is up")
+def healthz() -> Health:
+    return Health()
+
+
+def _check_db(request: Request) -> None:
+    with request.app.state.sessionmaker() as session:
+        session.execute(text("SELECT 1"))
+
+
+def _check_broker(request: Request) -> None:
+    conn = request.app.state.celery.connection_for_write()
+    try:
+        conn.ensure_connection(max_retries=1, timeout=2)
+    finally:
+        conn.release()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    tags=["health"],
+    summary="Database and broker reachable",
+    responses={503: {"model": Readiness, "description": "A dependency is down"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    checks: dict[str, str] = {}
+    for name, fn in (("database", _check_db), ("broker", _check_broker)):
+        try:
+            await asyncio.wait_for(run_in_threadpool(fn, request), timeout=5)
+            checks[name] = "ok"
+        except Exception as exc:  # report every failing dependency, not just the first
+            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+    ok = all(v == "ok" for v in checks.values())
+    body = Readiness(status="ready" if ok else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", responses=error_responses(503))
+def metrics(request: Request) -> Response:
+    with request.app.state.sessionmaker() as session:
+        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+    for status in STATUSES:
+        JOBS_BY_STATUS.labels(status).set(counts.get(status, 0))
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

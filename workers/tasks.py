@@ -1,0 +1,412 @@
+"""Celery tasks, kept thin: look the job up, run the engine, write what happens to the row.
+
+* `run_job(job_id)`: claims the job row (queued → running) under a row lock, fetches its
+  inputs from storage, calls `workers.engine.run`, stores the artifacts and the report.
+  Progress, heartbeats and log events are written to the database as the engine reports
+  them; a `cancelling` row stops the engine at its next progress call.
+* `reap()`: (beat, every PRUNERY_REAPER_INTERVAL_S) re-queues running jobs whose heartbeat
+  went stale — up to `max_attempts` runs, then fails them with the reason — and
+  re-publishes queued jobs that the broker lost.
+
+Every run holds a `run_token`; a run that lost its job to the reaper (it was presumed dead)
+notices on its next write and stops without touching the row.
+
+Torch is imported only inside `run_job` (via the engine), never at module import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings, get_settings
+from app.db import make_engine, make_sessionmaker, transaction
+from app.jobs import ARTIFACT_NAMES, add_event, enqueue, set_state
+from app.models import TERMINAL, DatasetFile, Job, ModelFile, utcnow
+from app.storage import Storage, job_prefix, make_storage
+from workers.celery_app import REAP, RUN_JOB
+from workers.celery_app import app as celery_app
+from workers.errors import Cancelled, EngineError
+
+log = logging.getLogger("prunery.worker")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    factory: sessionmaker[Session]
+    storage: Storage
+
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """Per-process database engine and storage (created after fork, never inherited)."""
+    global _runtime
+    if _runtime is None:
+        settings = get_settings()
+        _runtime = Runtime(settings, make_sessionmaker(make_engine(settings)), make_storage(settings))
+    return _runtime
+
+
+@worker_process_init.connect
+def _reset_after_fork(**_: Any) -> None:
+    global _runtime
+    _runtime = None
+
+
+class LostOwnership(Cancelled):
+    """The reaper gave this job to another run; this one must stop without writing."""
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(worker: str | None) -> bool | None:
+    """Whether the process that ran a job on *this* host is alive (None: other host)."""
+    if not worker or ":" not in worker:
+        return None
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail(session: Session, job: Job, code: str, detail: str) -> None:
+    job.error_code, job.error_detail = code, detail
+    job.finished_at = utcnow()
+    job.run_token = None
+    set_state(session, job, "failed", f"{code}: {detail}")
+
+
+def claim(rt: Runtime, job_id: str) -> tuple[str, dict[str, Any]] | str:
+    """Take the job for this run: (run_token, details) or a reason to do nothing."""
+    now = utcnow()
+    stale = timedelta(seconds=rt.settings.heartbeat_timeout_s)
+    with transaction(rt.factory) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            return f"job {job_id} does not exist"
+        if job.status in TERMINAL:
+            return f"job {job_id} is already {job.status}"
+        if job.status == "cancelling":
+            job.error_code, job.error_detail = "cancelled", "cancelled by the user"
+            job.finished_at = now
+            set_state(s, job, "cancelled", "cancelled before it could resume")
+            return "cancelled"
+        if job.status == "running":
+            alive = _pid_alive(job.worker)
+            fresh = job.heartbeat_at is not None and now - job.heartbeat_at < stale
+            if alive is True or (alive is None and fresh):
+                return f"job {job_id} is running on {job.worker}; duplicate delivery ignored"
+            add_event(s, job, "log", f"the run on {job.worker} was lost; taking over")
+        if job.attempts >= job.max_attempts:
+            _fail(
+                s,
+                job,
+                "worker_lost",
+                f"the job was started {job.attempts} times and its worker was lost each time "
+                "(killed, out of memory, or the machine went away); not retrying",
+            )
+            return "failed: attempts exhausted"
+        token = uuid.uuid4().hex
+        job.run_token = token
+        job.attempts += 1
+        job.worker = _worker_id()
+        job.started_at = job.started_at or now
+        job.heartbeat_at = now
+        job.stage, job.progress, job.message = "load", 0.0, None
+        job.error_code = job.error_detail = None
+        set_state(s, job, "running", f"running on {job.worker} (attempt {job.attempts} of {job.max_attempts})")
+        model = s.get(ModelFile, job.model_id) if job.model_id else None
+        dataset = s.get(DatasetFile, job.dataset_id) if job.dataset_id else None
+        eval_ds = s.get(DatasetFile, job.eval_dataset_id) if job.eval_dataset_id else None
+        if model is None or dataset is None:
+            _fail(s, job, "input_deleted", "the job's model or dataset was deleted before it ran")
+            return "failed: inputs deleted"
+        details = {
+            "tenant_id": job.tenant_id,
+            "spec": job.spec,
+            "model": (model.id, model.storage_key, ".onnx"),
+            "dataset": (dataset.id, dataset.storage_key, dataset.format),
+            "eval_dataset": (eval_ds.id, eval_ds.storage_key, eval_ds.format) if eval_ds else None,
+        }
+        return token, details
+
+
+class JobReporter:
+    """The engine's progress callback plus a heartbeat thread, both writing to the row."""
+
+    def __init__(self, rt: Runtime, job_id: str, token: str) -> None:
+        self.rt, self.job_id, self.token = rt, job_id, token
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self.stop = threading.Event()
+        self._last_write = 0.0
+        self._last_event_progress = -1.0
+        self._stage: str | None = None
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> JobReporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self._thread.join(timeout=5)
+
+    def _touch(self, **values: Any) -> None:
+        """Update the row if this run still owns it; note cancellation or lost ownership."""
+        with transaction(self.rt.factory) as s:
+            status = s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.run_token == self.token)
+                .values(heartbeat_at=utcnow(), updated_at=utcnow(), **values)
+                .returning(Job.status)
+            ).scalar_one_or_none()
+            if status is None:
+                self.lost.set()
+            elif status == "cancelling":
+                self.cancel.set()
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.rt.settings.heartbeat_interval_s):
+            try:
+                self._touch()
+            except Exception:  # the database may blip; the next beat retries
+                log.exception("heartbeat for %s failed", self.job_id)
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise LostOwnership("another run owns this job now")
+        if self.cancel.is_set():
+            raise Cancelled("cancelled by the user")
+
+    def __call__(self, stage: str, fraction: float, message: str | None = None) -> None:
+        self.check()
+        now = time.monotonic()
+        fraction = min(1.0, max(0.0, float(fraction)))
+        new_stage = stage != self._stage
+        if not (new_stage or message or now - self._last_write >= self.rt.settings.progress_min_interval_s):
+            return
+        self._last_write = now
+        self._stage = stage
+        with transaction(self.rt.factory) as s:
+            status = s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.run_token == self.token)
+                .values(
+                    stage=stage,
+                    progress=fraction,
+                    message=message if message else Job.message,
+                    heartbeat_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+                .returning(Job.status)
+            ).scalar_one_or_none()
+            if status is None:
+                self.lost.set()
+            else:
+                if status == "cancelling":
+                    self.cancel.set()
+                # Events: every stage change and message, and each 1% of progress.
+                if new_stage or message or fraction - self._last_event_progress >= 0.01:
+                    self._last_event_progress = fraction
+                    job = Job(id=self.job_id, status=status, stage=stage, progress=fraction)
+                    add_event(s, job, "log" if message else "progress", message or stage)
+        self.check()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _finish(rt: Runtime, job_id: str, token: str, **values: Any) -> bool:
+    """Write the outcome if this run still owns the job."""
+    status: str = values.pop("status")
+    message: str = values.pop("event_message", status)
+    with transaction(rt.factory) as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None or job.run_token != token:
+            log.warning("job %s: this run lost ownership; its outcome (%s) is discarded", job_id, status)
+            return False
+        for k, v in values.items():
+            setattr(job, k, v)
+        job.finished_at = utcnow()
+        job.run_token = None
+        set_state(s, job, status, message)
+    return True
+
+
+def execute(rt: Runtime, job_id: str) -> str:
+    claimed = claim(rt, job_id)
+    if isinstance(claimed, str):
+        log.info("job %s: %s", job_id, claimed)
+        return claimed
+    token, d = claimed
+    settings = rt.settings
+    cache = Path(settings.worker_cache_dir)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=_ensure(cache / "runs")))
+    try:
+        with JobReporter(rt, job_id, token) as reporter:
+            try:
+                from prunery.spec import JobSpec
+                from workers.engine import run as run_engine  # torch is imported here
+
+                spec = JobSpec.model_validate(d["spec"])
+                model_id, model_key, _ = d["model"]
+                ds_id, ds_key, ds_suffix = d["dataset"]
+                model_path = rt.storage.get_file(model_key, cache / "inputs" / f"{model_id}.onnx")
+                data_path = rt.storage.get_file(ds_key, cache / "inputs" / f"{ds_id}{ds_suffix}")
+                reporter("load", 0.0, "inputs ready; starting the engine")
+                out_dir = workdir / "out"
+                out_dir.mkdir()
+                report = run_engine(spec, model_path, data_path, out_dir, progress=reporter)
+                reporter.check()
+            except LostOwnership:
+                return "lost ownership"
+            except Cancelled:
+                _finish(rt, job_id, token, status="cancelled", error_code="cancelled",
+                        error_detail="cancelled by the user", event_message="cancelled while running")
+                return "cancelled"
+            except EngineError as exc:
+                _finish(rt, job_id, token, status="failed", error_code=exc.code, error_detail=exc.message,
+                        event_message=f"{exc.code}: {exc.message}")
+                return f"failed: {exc.code}"
+            except SoftTimeLimitExceeded:
+                detail = (f"the job ran past the time limit of {settings.job_soft_time_limit_s} s; "
+                          "ask for fewer epochs or raise PRUNERY_JOB_SOFT_TIME_LIMIT_S")
+                _finish(rt, job_id, token, status="failed", error_code="time_limit", error_detail=detail,
+                        event_message=detail)
+                return "failed: time limit"
+            except Exception as exc:
+                log.exception("job %s crashed", job_id)
+                detail = f"the engine crashed ({type(exc).__name__}: {exc}); this is a bug, please report it"
+                _finish(rt, job_id, token, status="failed", error_code="internal_error",
+                        error_detail=detail[:2000], event_message=detail[:2000])
+                return "failed: internal error"
+
+            artifacts: dict[str, dict[str, Any]] = {}
+            prefix = job_prefix(d["tenant_id"], job_id)
+            for name in ARTIFACT_NAMES:
+                path = out_dir / name
+                if path.is_file():
+                    entry = {"key": f"{prefix}/{name}", "size": path.stat().st_size, "sha256": _sha256(path)}
+                    rt.storage.put_file(path, entry["key"])
+                    artifacts[name] = entry
+            gates_passed = report.gates_passed
+            missed = [f"{g.name}: {g.value:g} > limit {g.limit:g}" for g in report.gates if not g.passed]
+            message = "succeeded" if gates_passed else "succeeded, but gates missed: " + "; ".join(missed)
+            _finish(
+                rt, job_id, token, status="succeeded", stage="done", progress=1.0,
+                report=report.model_dump(mode="json"), gates_passed=gates_passed,
+                artifacts=artifacts, message=message, event_message=message,
+            )
+            return "succeeded" if gates_passed else "succeeded (gates missed)"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
+    """Recover jobs that would otherwise be stuck: see the module docstring."""
+    settings = rt.settings
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.heartbeat_timeout_s)
+    out: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "republished": []}
+    with transaction(rt.factory) as s:
+        stale = s.scalars(
+            select(Job)
+            .where(Job.status.in_(("running", "cancelling")), Job.heartbeat_at < stale_before)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in stale:
+            age = (now - job.heartbeat_at).total_seconds() if job.heartbeat_at else float("inf")
+            if job.status == "cancelling":
+                job.error_code, job.error_detail = "cancelled", "cancelled by the user"
+                job.finished_at, job.run_token = now, None
+                set_state(s, job, "cancelled", f"the worker stopped while cancelling (no heartbeat for {age:.0f} s)")
+                out["cancelled"].append(job.id)
+            elif job.attempts >= job.max_attempts:
+                _fail(
+                    s, job, "worker_lost",
+                    f"the worker {job.worker} stopped sending heartbeats ({age:.0f} s) on attempt "
+                    f"{job.attempts} of {job.max_attempts}; giving up. If this repeats the job may "
+                    "be crashing its worker (e.g. out of memory): try a smaller batch size",
+                )
+                out["failed"].append(job.id)
+            else:
+                lost = job.worker
+                job.run_token, job.worker = None, None
+                job.stage, job.progress, job.message = None, 0.0, None
+                set_state(
+                    s, job, "queued",
+                    f"worker {lost} lost (no heartbeat for {age:.0f} s); re-queued after "
+                    f"{job.attempts} of {job.max_attempts} attempts",
+                )
+                out["requeued"].append(job.id)
+        republish_before = now - timedelta(seconds=settings.requeue_queued_after_s)
+        never_before = now - timedelta(seconds=min(10.0, settings.requeue_queued_after_s))
+        lost_msgs = s.scalars(
+            select(Job)
+            .where(
+                Job.status == "queued",
+                or_(
+                    and_(Job.enqueued_at.is_(None), Job.created_at < never_before),
+                    Job.enqueued_at < republish_before,
+                ),
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in lost_msgs:
+            add_event(s, job, "log", "not picked up by a worker; publishing it again")
+            out["republished"].append(job.id)
+    celery = celery_app
+    for job_id in out["requeued"] + out["republished"]:
+        enqueue(celery, settings, rt.factory, job_id)
+    if any(out.values()):
+        log.warning("reaper: %s", {k: v for k, v in out.items() if v})
+    return out
+
+
+@celery_app.task(name=RUN_JOB, bind=True)
+def run_job(self: Any, job_id: str) -> str:
+    """Run one job by id (the row is the truth; the message carries nothing else)."""
+    return execute(runtime(), job_id)
+
+
+@celery_app.task(name=REAP)
+def reap() -> dict[str, list[str]]:
+    return reap_jobs(runtime())
