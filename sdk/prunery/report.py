@@ -104,3 +104,81 @@ class Report(BaseModel):
     @property
     def gates_passed(self) -> bool:
         return all(g.passed for g in self.gates)
+
+
+def _fmt_int(n: float) -> str:
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3f} {unit}"
+    return f"{n:.0f}"
+
+
+def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
+    """(metric, before, after, change) rows shared by the Markdown and the terminal table."""
+    rows = [
+        ("MACs", _fmt_int(report.macs.before), _fmt_int(report.macs.after), f"x{report.macs.ratio:.3f}"),
+        ("Parameters", _fmt_int(report.params.before), _fmt_int(report.params.after), f"x{report.params.ratio:.3f}"),
+        ("File bytes", _fmt_int(report.file_bytes.before), _fmt_int(report.file_bytes.after), f"x{report.file_bytes.ratio:.3f}"),
+    ]
+    if report.accuracy is not None:
+        a = report.accuracy
+        rows.append(("Top-1 accuracy", f"{a.before:.4f}", f"{a.after:.4f}", f"{-a.drop:+.2f} pts"))
+        if a.top5_before is not None and a.top5_after is not None:
+            rows.append(("Top-5 accuracy", f"{a.top5_before:.4f}", f"{a.top5_after:.4f}", f"{(a.top5_after - a.top5_before) * 100:+.2f} pts"))
+    for name, m in report.metrics.items():
+        rows.append((name, f"{m.before:.4f}", f"{m.after:.4f}", f"x{m.ratio:.3f}"))
+    for lat in report.latency_ms:
+        rows.append((f"Latency batch {lat.batch_size} (ms, median)", f"{lat.before:.3f}", f"{lat.after:.3f}", f"{lat.speedup:.2f}x faster"))
+    return rows
+
+
+def render_markdown(report: Report) -> str:
+    t = report.target
+    lines = [
+        f"# Prunery report — {report.method['name']}",
+        "",
+        f"Target: keep **{t.requested}** of the {'parameters' if t.kind == 'params' else 'MACs' if t.kind == 'flops' else 'channels per layer list'}; "
+        f"achieved **{t.achieved:.4f}** ({'met' if t.met else 'NOT met'}, tolerance {t.tolerance}; {t.measured_on}).",
+        "",
+        "| metric | before | after | change |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    lines += [
+        "",
+        f"Parity (torch vs onnxruntime on the exported model): max abs diff {report.parity.get('max_abs_diff', 0):.2e}.",
+        "",
+        "MACs: Conv/ConvTranspose/Gemm/MatMul multiply-accumulates per sample, counted on the ONNX graphs. "
+        "Accuracy: the exported ONNX in onnxruntime on the test split"
+        + (f" ({report.accuracy.samples} samples)." if report.accuracy else "."),
+        "Latency: onnxruntime CPU, the two models timed alternately, median of "
+        f"{report.latency_ms[0].runs if report.latency_ms else 0} runs after warm-up.",
+    ]
+    if report.gates:
+        lines += ["", "## Gates", "", "| gate | limit | value | result |", "|---|---:|---:|---|"]
+        lines += [f"| {g.name} | {g.limit} | {g.value:.3f} | {'pass' if g.passed else 'FAIL'} |" for g in report.gates]
+    lines += ["", "## Layers", "", "| layer | op | channels | MACs before | MACs after |", "|---|---|---:|---:|---:|"]
+    for row in report.layers:
+        lines.append(
+            f"| `{row.name}` | {row.op} | {row.channels_before} → {row.channels_after} | "
+            f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |"
+        )
+    if report.excluded:
+        lines += ["", "## Excluded from pruning", "", "| layer | reason |", "|---|---|"]
+        lines += [f"| `{e.name}` | {e.reason.replace('|', '/')} |" for e in report.excluded]
+    if report.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    lines += [
+        "",
+        "## Run",
+        "",
+        f"- recovery: {report.recovery.get('mode_used')} for {report.recovery.get('epochs_used')} epochs",
+        f"- stage seconds: {', '.join(f'{k} {v:.1f}' for k, v in report.stage_seconds.items())}",
+        f"- seed {report.seed}; model sha256 `{report.model_sha256[:16]}…`; spec hash `{report.spec_hash[:16]}…`",
+        f"- device: {report.device}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(report.versions.items()))}",
+        f"- report schema {report.schema_version}",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Meeting the budget by search, not by hope.
+
+A method scores channels; the allocator turns scores into one *removal order* — a list of
+chunks (group, channel indices), cheapest first — and binary-searches the length of the
+prefix to remove so that the kept fraction of MACs (or parameters), measured on the
+actually pruned network, lands as close as possible to the target. MACs fall
+monotonically along the order, so ~log2(#chunks) prunings are enough.
+
+Orders:
+* uniform — every group shrinks by the same fraction (Li et al.'s predefined ratios);
+  within a group, lowest scores first.
+* global — one ranking of scores normalised per group (each divided by its group's mean),
+  so layers lose different fractions (Network Slimming's global threshold, PFS).
+
+A chunk is `round_to` channels, so widths stay multiples of it. No group is emptied:
+each keeps at least max(round_to, (1 - max_layer_ratio) x its width) channels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.engine.flops import Costs, torch_costs
+from workers.engine.graph import ChannelGroup, prune_copy
+from workers.errors import BadSpec, EngineError
+
+Plan = dict[str, list[int]]
+
+
+class BudgetUnreachable(EngineError):
+    code = "budget_unreachable"
+
+
+@dataclass
+class Chunk:
+    group: str
+    idxs: list[int]
+    key: float
+
+
+@dataclass
+class BudgetResult:
+    plan: Plan
+    model: nn.Module
+    kept: float  # fraction of the original metric kept (torch count)
+    costs: Costs
+    evaluations: int
+
+
+def _chunks_for_group(group: ChannelGroup, order: Sequence[int], round_to: int, max_ratio: float) -> list[list[int]]:
+    c = group.channels
+    keep_min = max(round_to, math.ceil(c * (1.0 - max_ratio)))
+    removable = max(0, c - keep_min)
+    chunks: list[list[int]] = []
+    pos = 0
+    first = c % round_to
+    size = first if first else round_to
+    while pos + size <= removable:
+        chunks.append(list(order[pos : pos + size]))
+        pos += size
+        size = round_to
+    return chunks
+
+
+def removal_order(
+    groups: Sequence[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    allocation: str,
+    round_to: int = 1,
+    max_ratio: float = 0.9,
+) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for gi, group in enumerate(groups):
+        s = scores[group.name].double()
+        if s.numel() != group.channels:
+            raise EngineError(f"method scored {s.numel()} channels of {group.name}, which has {group.channels}")
+        order = torch.argsort(s, stable=True).tolist()
+        mean = float(s.abs().mean()) or 1.0
+        removed = 0
+        for chunk in _chunks_for_group(group, order, round_to, max_ratio):
+            removed += len(chunk)
+            if allocation == "uniform":
+                key = removed / group.channels + gi * 1e-9
+            elif allocation == "global":
+                key = float(s[chunk].max()) / mean + gi * 1e-12
+            else:
+                raise BadSpec(f"unknown allocation {allocation!r}; use 'uniform' or 'global'")
+            chunks.append(Chunk(group.name, chunk, key))
+    if allocation == "global":
+        # Keys are monotone within a group, so sorting keeps each group's own order.
+        pass
+    chunks.sort(key=lambda ch: ch.key)
+    return chunks
+
+
+def plan_of(chunks: Sequence[Chunk]) -> Plan:
+    plan: Plan = {}
+    for ch in chunks:
+        plan.setdefault(ch.group, []).extend(ch.idxs)
+    return plan
+
+
+def search(
+    model: nn.Module,
+    example: torch.Tensor,
+    chunks: Sequence[Chunk],
+    metric: str,
+    target: float,
+    base: Costs,
+    progress: Callable[[float], None] | None = None,
+    tolerance: float = 0.01,
+) -> BudgetResult:
+    """Binary search of the prefix of `chunks` whose removal keeps `target` of `metric`."""
+
+    def kept_fraction(costs: Costs) -> float:
+        return costs.macs / base.macs if metric == "flops" else costs.params / base.params
+
+    cache: dict[int, tuple[float, nn.Module, Costs]] = {}
+
+    def evaluate(n: int) -> float:
+        if n not in cache:
+            pruned = prune_copy(model, example, plan_of(chunks[:n]))
+            costs = torch_costs(pruned, example)
+            cache[n] = (kept_fraction(costs), pruned, costs)
+            if progress:
+                progress(min(1.0, len(cache) / (2 * math.log2(len(chunks) + 2) + 2)))
+        return cache[n][0]
+
+    lo, hi = 0, len(chunks)
+    if evaluate(hi) > target:
+        best = cache[hi][0]
+        raise BudgetUnreachable(
+            f"the target keeps {target:.1%} of the {'MACs' if metric == 'flops' else 'parameters'}, "
+            f"but removing every channel that can be removed safely still keeps {best:.1%}; "
+            "raise the target, or see the excluded layers for what cannot be pruned"
+        )
+    if evaluate(lo) <= target:
+        hi = 0
+    # Invariant: evaluate(hi) <= target < evaluate(lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if evaluate(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    candidates = [n for n in (lo, hi) if n in cache]
+    best_n = min(candidates, key=lambda n: abs(cache[n][0] - target))
+    kept, pruned, costs = cache[best_n]
+    best_plan = plan_of(chunks[:best_n])
+    if abs(kept - target) > tolerance and hi > lo:
+        # Coarse chunks (round_to, tiny layers) can straddle the target. Try the prefix
+        # plus the *next* chunk of each group instead of the next chunk in the order:
+        # groups cost different amounts, so one of them usually lands closer.
+        taken: dict[str, int] = {}
+        for ch in chunks[:lo]:
+            taken[ch.group] = taken.get(ch.group, 0) + 1
+        seen: dict[str, int] = {}
+        for j, ch in enumerate(chunks[lo:], start=lo):
+            seen[ch.group] = seen.get(ch.group, 0) + 1
+            if seen[ch.group] != 1 or j == lo:
+                continue
+            plan = plan_of([*chunks[:lo], ch])
+            variant = prune_copy(model, example, plan)
+            vcosts = torch_costs(variant, example)
+            vkept = kept_fraction(vcosts)
+            if abs(vkept - target) < abs(kept - target):
+                kept, pruned, costs, best_plan = vkept, variant, vcosts, plan
+            if abs(kept - target) <= tolerance / 2:
+                break
+    return BudgetResult(best_plan, pruned, kept, costs, len(cache))
+
+
+def explicit_plan(
+    groups: Sequence[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    ratios: dict[str, float],
+    round_to: int,
+) -> Plan:
+    """target.layers: {layer name: ratio to remove}. A name may be a group root or any
+    layer whose output channels belong to the group."""
+    by_layer: dict[str, ChannelGroup] = {}
+    for g in groups:
+        by_layer[g.name] = g
+        for layer in g.out_layers:
+            by_layer.setdefault(layer, g)
+    plan: Plan = {}
+    for name, ratio in ratios.items():
+        group = by_layer.get(name)
+        if group is None:
+            known = ", ".join(sorted(g.name for g in groups)[:20])
+            raise BadSpec(
+                f"target.layers names {name!r}, which is not a prunable layer; prunable layers: {known}"
+            )
+        n = int(round(group.channels * ratio / round_to)) * round_to
+        n = min(n, group.channels - max(1, round_to))
+        order = torch.argsort(scores[group.name].double(), stable=True).tolist()
+        plan[group.name] = order[:n]
+    return plan
+
+
+def apply_plan(model: nn.Module, example: torch.Tensor, plan: Plan) -> nn.Module:
+    return prune_copy(model, example, plan)

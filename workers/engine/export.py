@@ -1,0 +1,135 @@
+"""Export and verify: the pruned module becomes ONNX again, and every number in the report
+is measured on the ONNX graphs with onnxruntime."""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from workers.engine.load import normalise, ort_session
+from workers.errors import EngineError
+
+
+class ExportFailed(EngineError):
+    code = "export_failed"
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, opset: int, input_name: str = "input") -> onnx.ModelProto:
+    """TorchScript-based export (onnx2torch's modules carry their own ONNX symbolics) with a
+    dynamic batch, then onnx.checker and onnxslim."""
+    module = module.cpu().eval()
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example.cpu(),),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[input_name],
+                output_names=["output"],
+                dynamic_axes={input_name: {0: "batch"}, "output": {0: "batch"}},
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise ExportFailed(f"ONNX export of the pruned model failed ({type(exc).__name__}: {str(exc)[:400]})") from None
+    model = onnx.load_from_string(buf.getvalue())
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ExportFailed(f"the exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    slim, _ = normalise(model)
+    return slim
+
+
+def save_atomic(data: bytes, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Latency:
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+def measure_latency(model_bytes: bytes, input_name: str, sample: np.ndarray, batch_size: int, runs: int = 30, warmup: int = 5, threads: int | None = None) -> Latency:
+    """onnxruntime CPU latency: median and p90 of `runs` timed runs after `warmup`."""
+    sess = ort_session(model_bytes, threads=threads)
+    reps = int(np.ceil(batch_size / len(sample)))
+    x = np.concatenate([sample] * reps, axis=0)[:batch_size]
+    for _ in range(warmup):
+        sess.run(None, {input_name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {input_name: x})
+        times.append((time.perf_counter() - t0) * 1000.0)
+    times.sort()
+    return Latency(batch_size, statistics.median(times), times[int(0.9 * (len(times) - 1))], runs)
+
+
+def interleaved_latency(a: bytes, b: bytes, input_name_a: str, input_name_b: str, sample: np.ndarray, batch_size: int, runs: int = 30, warmup: int = 5, threads: int | None = None) -> tuple[Latency, Latency]:
+    """Time two models in alternation so machine noise hits both alike."""
+    sa, sb = ort_session(a, threads=threads), ort_session(b, threads=threads)
+    reps = int(np.ceil(batch_size / len(sample)))
+    x = np.concatenate([sample] * reps, axis=0)[:batch_size]
+    for _ in range(warmup):
+        sa.run(None, {input_name_a: x})
+        sb.run(None, {input_name_b: x})
+    ta, tb = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sa.run(None, {input_name_a: x})
+        t1 = time.perf_counter()
+        sb.run(None, {input_name_b: x})
+        t2 = time.perf_counter()
+        ta.append((t1 - t0) * 1000.0)
+        tb.append((t2 - t1) * 1000.0)
+
+    def summary(ts: list[float]) -> Latency:
+        ts = sorted(ts)
+        return Latency(batch_size, statistics.median(ts), ts[int(0.9 * (len(ts) - 1))], runs)
+
+    return summary(ta), summary(tb)
+
+
+def onnx_predict(model_bytes: bytes, input_name: str, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    sess = ort_session(model_bytes)
+    outs = []
+    for i in range(0, len(x), batch_size):
+        outs.append(sess.run(None, {input_name: x[i : i + batch_size]})[0])
+    return np.concatenate(outs, axis=0)
+
+
+def topk_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
+    if logits.ndim != 2:
+        logits = logits.reshape(len(logits), -1)
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    return float((top == y[:, None]).any(axis=1).mean())

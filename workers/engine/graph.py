@@ -1,0 +1,418 @@
+"""Analyse: recover torch layers from the converted graph, build Torch-Pruning's dependency
+graph, list the prunable channel groups, and prove each one safe before anything is cut.
+
+Safety proof ("zero equivalence"): for a group, zero the channels that would be removed
+(the out-channel weights and biases of every coupled layer), run the model, then remove
+the same channels structurally and run it again. Removing a channel whose contribution
+is already zero must not change the output. A group that fails — an exception (a channel
+dim baked into a constant Reshape, an unwrapped constant), a changed output shape (the
+classifier), or a different output (a LayerNorm over the pruned dim, a misaligned
+head reshape) — is excluded with the reason, never broken.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch_pruning as tp
+from torch import nn
+
+from workers.errors import BadModel
+
+PRUNABLE_ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+# ------------------------------------------------------------------ lifting MatMul → Linear
+
+
+def _const_of(gm: fx.GraphModule, node: fx.Node | object) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        obj: object = gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, torch.Tensor):
+            return obj
+    return None
+
+
+def _module_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op != "call_module":
+        return ""
+    mod = gm.get_submodule(str(node.target))
+    kind = type(mod).__name__
+    if kind == "OnnxBinaryMathOperation":
+        fn = getattr(mod, "math_op_function", None)
+        return {torch.add: "Add", torch.sub: "Sub", torch.mul: "Mul"}.get(fn, "Div")
+    return kind
+
+
+def lift_linears(gm: fx.GraphModule) -> list[str]:
+    """Rewrite `MatMul(x, W_const) [+ b_const]` into `nn.Linear` modules (FX rewrite).
+
+    torch exports every nn.Linear applied to 3-D activations as MatMul + Add with constant
+    initialisers; onnx2torch turns those into generic ops over buffers that the pruner
+    cannot see. Returns the names of the lifted layers.
+    """
+    lifted: list[str] = []
+    for node in list(gm.graph.nodes):
+        if _module_kind(gm, node) != "OnnxMatMul" or len(node.args) != 2:
+            continue
+        x, w_node = node.args
+        weight = _const_of(gm, w_node)
+        if weight is None or weight.dim() != 2 or _const_of(gm, x) is not None or not weight.is_floating_point():
+            continue
+        in_f, out_f = weight.shape
+        bias = None
+        add_node = None
+        users = list(node.users)
+        if len(users) == 1 and _module_kind(gm, users[0]) == "Add" and len(users[0].args) == 2:
+            other = users[0].args[1] if users[0].args[0] is node else users[0].args[0]
+            b = _const_of(gm, other)
+            if b is not None and b.numel() == out_f and b.shape[-1] == out_f and b.is_floating_point():
+                bias, add_node = b.reshape(out_f), users[0]
+        linear = nn.Linear(int(in_f), int(out_f), bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if bias is not None:
+                linear.bias.copy_(bias)
+        name = str(node.target)
+        new_name = name + "_linear" if not name.endswith("MatMul") else name[: -len("MatMul")] + "Linear"
+        gm.add_submodule(new_name, linear)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(new_name, (x,))
+        target = add_node if add_node is not None else node
+        target.replace_all_uses_with(new)
+        lifted.append(new_name)
+    if lifted:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        _drop_unused_constants(gm)
+    return lifted
+
+
+class _Flatten(nn.Module):
+    """Replaces a Reshape whose constant shape [-1, C*H*W] only flattens per sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x, 1)
+
+
+def rewrite_flatten_reshapes(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
+    """Rewrite constant `Reshape(x, [-1, n])` (n = all of x's non-batch elements) into a
+    flatten: the dynamo exporter writes `x.flatten(1)` that way, with the channel count
+    baked into the constant, which would make the last conv block unprunable."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        ShapeProp(gm).propagate(example)
+    except Exception:
+        return []
+    rewritten: list[str] = []
+    for node in list(gm.graph.nodes):
+        if _module_kind(gm, node) not in ("OnnxReshape",) or len(node.args) != 2:
+            continue
+        shape = _const_of(gm, node.args[1])
+        src = node.args[0]
+        meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+        if shape is None or meta is None or shape.numel() != 2 or len(meta.shape) < 2:
+            continue
+        first, second = (int(v) for v in shape.tolist())
+        rest = 1
+        for d in meta.shape[1:]:
+            rest *= int(d)
+        if first in (-1, 0) and second == rest:
+            name = str(node.target) + "_flatten"
+            gm.add_submodule(name, _Flatten())
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(name, (src,))
+            node.replace_all_uses_with(new)
+            rewritten.append(str(node.target))
+    if rewritten:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        _drop_unused_constants(gm)
+    return rewritten
+
+
+def _drop_unused_constants(gm: fx.GraphModule) -> None:
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    holder = getattr(gm, "initializers", None)
+    if holder is None:
+        return
+    for name in list(holder._buffers):
+        if f"initializers.{name}" not in used:
+            del holder._buffers[name]
+    for name in list(holder._parameters):
+        if f"initializers.{name}" not in used:
+            del holder._parameters[name]
+
+
+# ------------------------------------------------------------------ running with located errors
+
+
+class _LocatingInterpreter(fx.Interpreter):
+    def run_node(self, n: fx.Node):  # type: ignore[override]
+        try:
+            return super().run_node(n)
+        except Exception as exc:
+            target = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"op {target!r} fails: {msg}") from None
+
+
+def run_located(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward pass whose errors name the failing op of the converted graph."""
+    if isinstance(model, fx.GraphModule):
+        out = _LocatingInterpreter(model).run(x)
+    else:
+        out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+# ------------------------------------------------------------------ groups
+
+
+def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+
+
+@dataclass
+class GroupMember:
+    name: str
+    op: str
+    role: str  # "out" (its output channels go) or "in" (its input channels go)
+
+
+@dataclass
+class ChannelGroup:
+    """A set of coupled channels that must be removed together, named by its root layer."""
+
+    name: str
+    channels: int
+    members: list[GroupMember] = field(default_factory=list)
+
+    @property
+    def out_layers(self) -> list[str]:
+        return [m.name for m in self.members if m.role == "out"]
+
+
+def _names(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: n for n, m in model.named_modules()}
+
+
+def _root_pruning_fn(dg: tp.DependencyGraph, module: nn.Module) -> Callable:
+    return dg.get_pruner_of_module(module).prune_out_channels
+
+
+def full_group(model: nn.Module, dg: tp.DependencyGraph, root: str, idxs: Sequence[int] | None = None):
+    module = model.get_submodule(root)
+    if idxs is None:
+        idxs = list(range(dg.get_out_channels(module)))
+    return dg.get_pruning_group(module, _root_pruning_fn(dg, module), list(idxs))
+
+
+def _zero_out_channels(dg: tp.DependencyGraph, group) -> None:
+    """Zero what removing the group's channels removes: out-channel weights and biases."""
+    with torch.no_grad():
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            if not dg.is_out_channel_pruning_fn(dep.handler):
+                continue
+            target = dep.target.module
+            idx = torch.as_tensor(list(idxs), dtype=torch.long)
+            if isinstance(target, nn.Parameter):
+                dim = dg.unwrapped_parameters.get(target, None) if isinstance(dg.unwrapped_parameters, dict) else None
+                if dim is None:
+                    for p, d in getattr(dg, "unwrapped_parameters", []) or []:
+                        if p is target:
+                            dim = d
+                if dim is not None:
+                    target.index_fill_(dim, idx, 0.0)
+                continue
+            if isinstance(target, (nn.Embedding,)):
+                target.weight[:, idx] = 0.0
+                continue
+            if isinstance(target, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                target.weight[:, idx] = 0.0
+                if target.bias is not None:
+                    target.bias[idx] = 0.0
+                continue
+            weight = getattr(target, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and int(idx.max()) >= weight.shape[0]:
+                raise IndexError(f"channel {int(idx.max())} does not exist in {type(target).__name__} of width {weight.shape[0]}")
+            if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+                weight[idx] = 0.0
+            bias = getattr(target, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias[idx] = 0.0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    diff = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = max(a.abs().max().item() if a.numel() else 0.0, 1e-6)
+    return diff <= 1e-4 * scale + 1e-5, diff / scale
+
+
+def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, root: str, idxs: Sequence[int]) -> str | None:
+    """Zero-equivalence test of removing `idxs` of group `root`; None when safe, else why not."""
+    m = copy.deepcopy(model)
+    try:
+        dg = build_dependency_graph(m, example)
+        group = full_group(m, dg, root, idxs)
+    except Exception as exc:
+        return f"the dependency graph cannot form this group ({type(exc).__name__}: {exc})"
+    with torch.no_grad():
+        reference = run_located(m, batch)
+    try:
+        _zero_out_channels(dg, group)
+        with torch.no_grad():
+            zeroed = run_located(m, batch)
+    except Exception as exc:
+        return (
+            "the dependency graph couples channels that do not line up "
+            f"(e.g. through a transpose): {_first_line(exc)}"
+        )
+    try:
+        group.prune()
+    except Exception as exc:
+        return f"Torch-Pruning cannot remove these channels ({type(exc).__name__}: {_first_line(exc)})"
+    try:
+        with torch.no_grad():
+            pruned = run_located(m, batch)
+    except Exception as exc:
+        return f"the pruned graph no longer runs: {_first_line(exc)}"
+    if pruned.shape != reference.shape:
+        return (
+            f"removing its channels changes the model output shape {tuple(reference.shape)} -> "
+            f"{tuple(pruned.shape)} (its channels are the model's outputs)"
+        )
+    ok, rel = _close(zeroed, pruned)
+    if not ok:
+        return (
+            "removing its channels changes the function beyond the removed channels "
+            f"(relative difference {rel:.2e} versus zeroing them): the channel dimension is "
+            "shared with a normalisation or reshape that is not channel-separable"
+        )
+    return None
+
+
+def describe_group(model: nn.Module, dg: tp.DependencyGraph, group, names: dict[nn.Module, str]) -> list[GroupMember]:
+    members: list[GroupMember] = []
+    seen: set[tuple[str, str]] = set()
+    for item in group:
+        target = item.dep.target.module
+        if not isinstance(target, nn.Module) or target not in names:
+            continue
+        role = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+        key = (names[target], role)
+        if key in seen:
+            continue
+        seen.add(key)
+        members.append(GroupMember(names[target], type(target).__name__, role))
+    return members
+
+
+@dataclass
+class Analysis:
+    groups: list[ChannelGroup]
+    excluded: list[tuple[str, str]]
+    lifted: list[str]
+
+
+def analyse(
+    model: nn.Module,
+    example: torch.Tensor,
+    batch: torch.Tensor,
+    round_to: int = 1,
+    seed: int = 0,
+    ignored: Iterable[str] = (),
+    progress: Callable[[float], None] | None = None,
+) -> Analysis:
+    """List prunable groups (each proven safe by a probe) and excluded ones with reasons."""
+    try:
+        dg = build_dependency_graph(model, example)
+    except Exception as exc:
+        raise BadModel(f"Torch-Pruning could not trace the converted model: {type(exc).__name__}: {exc}") from None
+    names = _names(model)
+    ignored = set(ignored)
+    candidates = []
+    for group in dg.get_all_groups(root_module_types=PRUNABLE_ROOTS):
+        root = group[0].dep.target.module
+        if root not in names:
+            continue
+        candidates.append((names[root], len(group[0].idxs), describe_group(model, dg, group, names)))
+    gen = torch.Generator().manual_seed(seed)
+    groups: list[ChannelGroup] = []
+    excluded: list[tuple[str, str]] = []
+    for i, (name, channels, members) in enumerate(candidates):
+        if progress:
+            progress(i / max(len(candidates), 1))
+        if name in ignored:
+            excluded.append((name, "excluded by the method"))
+            continue
+        step = max(1, round_to)
+        if channels <= step:
+            excluded.append((name, f"only {channels} channel(s): nothing can be removed at round_to={round_to}"))
+            continue
+        # Probe with a random set (not a prefix) so a head-aligned reshape cannot pass by luck.
+        k = step if step > 1 else min(2, channels - 1)
+        idxs = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
+        reason = probe_group(model, example, batch, name, idxs)
+        if reason is not None:
+            excluded.append((name, reason))
+        else:
+            groups.append(ChannelGroup(name, channels, members))
+    return Analysis(groups=groups, excluded=excluded, lifted=[])
+
+
+def prune_copy(model: nn.Module, example: torch.Tensor, plan: dict[str, Sequence[int]]) -> nn.Module:
+    """A structurally pruned deep copy: plan = {group root: root-channel indices to remove}."""
+    m = copy.deepcopy(model)
+    todo = {k: sorted(set(int(i) for i in v)) for k, v in plan.items() if len(v)}
+    if not todo:
+        return m
+    dg = build_dependency_graph(m, example)
+    for root, idxs in todo.items():
+        full_group(m, dg, root, idxs).prune()
+    return m
+
+
+def channel_scores(
+    model: nn.Module,
+    dg: tp.DependencyGraph,
+    root: str,
+    per_module: Callable[[nn.Module], torch.Tensor | None],
+) -> torch.Tensor:
+    """Sum a per-output-channel statistic over every out-pruned layer of a group, in the
+    root's channel order (coupled channels of residual/concat groups are scored together)."""
+    group = full_group(model, dg, root)
+    n = len(group[0].idxs)
+    total = torch.zeros(n, dtype=torch.float64)
+    for item in group:
+        if not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        target = item.dep.target.module
+        if not isinstance(target, nn.Module):
+            continue
+        values = per_module(target)
+        if values is None:
+            continue
+        idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
+        roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+        total.index_add_(0, roots, values.detach().double().cpu()[idxs])
+    return total

@@ -1,0 +1,224 @@
+"""`prunery prune`: run the engine locally, no server.
+
+    prunery prune MODEL.onnx --data DATA.npz --method l1_norm --target-flops 0.5 --epochs 3 --out OUTDIR
+
+Writes OUTDIR/model.onnx, OUTDIR/report.json and OUTDIR/report.md — all or nothing: the
+run works in a temporary sibling directory that is renamed into place only on success.
+
+Exit codes: 0 success (all gates held), 2 bad input (the message says what to fix),
+3 finished but a gate was missed, 1 unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prunery prune",
+        description="Structurally prune an ONNX model locally and write the pruned ONNX plus a report.",
+    )
+    p.add_argument("model", type=Path, help="the trained model, an .onnx file")
+    p.add_argument("--data", type=Path, required=True, help=".npz (x_train, y_train, x_test, y_test) or an image-folder zip/tar")
+    p.add_argument("--method", default="l1_norm", help="pruning method (see `prunery methods`); default l1_norm")
+    tgt = p.add_mutually_exclusive_group(required=False)
+    tgt.add_argument("--target-flops", type=float, help="fraction of MACs to keep, e.g. 0.5")
+    tgt.add_argument("--target-params", type=float, help="fraction of parameters to keep")
+    tgt.add_argument("--target-layers", type=str, help='JSON {"layer": ratio to remove, ...}')
+    p.add_argument("--tolerance", type=float, default=0.01, help="allowed |achieved - target| (default 0.01)")
+    p.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (value parsed as JSON when it can be); repeatable")
+    p.add_argument("--epochs", type=int, default=3, help="recovery epochs (default 3)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam")
+    p.add_argument("--recovery", choices=["finetune", "scratch", "none"], default="finetune")
+    p.add_argument("--scratch-epochs", choices=["E", "B"], default="E", help="Scratch-E or Scratch-B (epochs x MACs_full/MACs_pruned)")
+    p.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
+    p.add_argument("--opset", type=int, default=17, help="opset of the exported model (default 17)")
+    p.add_argument("--max-accuracy-drop", type=float, help="gate: largest allowed top-1 drop in points")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spec", type=Path, help="a JSON job spec; the flags above override its fields")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--latency-runs", type=int, default=30, help="timed onnxruntime runs per model and batch size (>= 20)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def build_spec(args: argparse.Namespace):
+    from prunery.spec import JobSpec
+
+    body: dict[str, Any] = {}
+    if args.spec:
+        try:
+            body = json.loads(args.spec.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(_fail(f"cannot read --spec {args.spec}: {exc}"))
+    params = dict(body.get("method", {}).get("params", {}))
+    for item in args.method_param:
+        if "=" not in item:
+            raise SystemExit(_fail(f"--method-param {item!r}: use KEY=VALUE"))
+        key, value = item.split("=", 1)
+        params[key.strip()] = _parse_value(value)
+    body["method"] = {"name": args.method if args.method else body.get("method", {}).get("name"), "params": params}
+    target = dict(body.get("target", {}))
+    if args.target_flops is not None:
+        target = {"flops": args.target_flops}
+    elif args.target_params is not None:
+        target = {"params": args.target_params}
+    elif args.target_layers is not None:
+        try:
+            target = {"layers": json.loads(args.target_layers)}
+        except json.JSONDecodeError as exc:
+            raise SystemExit(_fail(f"--target-layers is not JSON: {exc}"))
+    if not target:
+        raise SystemExit(_fail("give a budget: --target-flops 0.5, --target-params 0.5 or --target-layers '{...}'"))
+    target["tolerance"] = args.tolerance
+    body["target"] = target
+    rec = dict(body.get("recovery", {}))
+    rec.update(mode=args.recovery, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, epochs_mode=args.scratch_epochs)
+    body["recovery"] = rec
+    body["export"] = {**body.get("export", {}), "opset": args.opset, "round_to": args.round_to}
+    if args.max_accuracy_drop is not None:
+        body["gates"] = {"max_accuracy_drop": args.max_accuracy_drop}
+    body["seed"] = args.seed
+    try:
+        return JobSpec.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(_fail(f"invalid job spec: {problems}"))
+
+
+def _fail(message: str) -> int:
+    print(f"prunery prune: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+class _Progress:
+    """A tqdm bar on a terminal; one line per stage otherwise (logs, CI)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, bar_format="{desc:<40.40} {bar} {percentage:3.0f}% {elapsed}")
+
+    def __call__(self, stage: str, fraction: float, message: str | None) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.n = int(fraction * 1000)
+            self.bar.set_description_str(f"{stage}: {message}" if message else stage, refresh=False)
+            self.bar.refresh()
+        elif stage != self.stage:
+            print(f"[{fraction:6.1%}] {stage}" + (f": {message}" if message else ""), file=sys.stderr, flush=True)
+        self.stage = stage
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished files into OUTDIR (created if missing) — each by atomic rename."""
+    if not out.exists():
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError:
+            out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_table(report) -> None:
+    from prunery.report import summary_rows
+
+    rows = [("", "before", "after", "change"), *summary_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(r)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    t = report.target
+    print(f"\ntarget: keep {t.requested} of {'MACs' if t.kind == 'flops' else t.kind}; achieved {t.achieved:.4f} ({'met' if t.met else 'NOT met'})")
+    if report.excluded:
+        print(f"excluded layers: {len(report.excluded)} (reasons in report.md)")
+    for g in report.gates:
+        print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.model.is_file():
+        return _fail(f"model file {str(args.model)!r} does not exist")
+    if not args.data.is_file():
+        return _fail(f"dataset file {str(args.data)!r} does not exist")
+    if args.out.exists() and not args.out.is_dir():
+        return _fail(f"--out {str(args.out)!r} exists and is not a directory")
+    if args.latency_runs < 20:
+        return _fail("--latency-runs must be at least 20")
+    try:
+        spec = build_spec(args)
+    except SystemExit as exc:
+        return int(exc.code or EXIT_BAD_INPUT)
+
+    from workers.engine import run
+    from workers.errors import EngineError
+
+    parent = args.out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.tmp-", dir=parent))
+    bar = _Progress(args.quiet)
+    try:
+        report = run(spec, args.model, args.data, tmp, progress=bar, device=args.device, latency_runs=args.latency_runs)
+    except EngineError as exc:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _fail(f"{exc.code}: {exc.message}")
+    except KeyboardInterrupt:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("prunery prune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"prunery prune: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    bar.close()
+    _publish(tmp, args.out)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        print_table(report)
+        print(f"\nwrote {args.out}/model.onnx, report.json, report.md")
+    return EXIT_OK if report.gates_passed else EXIT_GATE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

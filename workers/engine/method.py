@@ -1,0 +1,144 @@
+"""The method plugin interface.
+
+A method is registered in `workers.methods.catalog` (name, params model, paper,
+applicability) and implemented by a class with `run(ctx) -> MethodResult`. The context
+gives it everything the seed's methods need:
+
+* one-shot criteria (l1_norm, ThiNet, LASSO): `ctx.groups`, `ctx.dependency_graph()`,
+  `ctx.calibration` inputs, and `ctx.prune_to_budget(scores, allocation)`;
+* training-time regularisation (Network Slimming): `ctx.train(..., after_backward=...)`;
+* gates on frozen random weights (Pruning from Scratch): `ctx.train(params=gates)` and
+  `MethodResult(recovery="scratch")`;
+* width search with distillation (TAS): `ctx.prune_to_widths(...)`, `ctx.teacher`;
+* adversarial masks (ANP): `ctx.train(extra_loss=...)`, `ctx.data` value range;
+* per-sample dynamic gating (SANP): `MethodResult(dynamic=True)` keeps the gates in the
+  exported graph and switches the report to measured average MACs;
+* low-rank factorisation (FLOP): the method may return any module; the engine exports it.
+
+The engine recovers (fine-tune or scratch), exports and verifies whatever comes back.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from prunery.spec import JobSpec
+from torch import nn
+
+from workers.engine import budget, graph, train
+from workers.engine.flops import Costs, torch_costs
+from workers.methods.catalog import MethodParams
+
+
+@dataclass
+class MethodResult:
+    model: nn.Module
+    details: dict[str, Any] = field(default_factory=dict)
+    # "scratch": the method's weights are not meant to be kept (e.g. PFS) — train from
+    # scratch whatever recovery.mode says; None: follow the spec.
+    recovery: Literal["scratch"] | None = None
+    dynamic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Method(Protocol):
+    def __init__(self, params: MethodParams) -> None: ...
+
+    def run(self, ctx: PruneContext) -> MethodResult: ...
+
+
+@dataclass
+class PruneContext:
+    spec: JobSpec
+    model: nn.Module  # the converted, analysed model (do not modify in place: copy first)
+    example: torch.Tensor  # one sample, batch 1
+    calibration: torch.Tensor  # real training inputs (a few hundred)
+    data: train.TensorData
+    analysis: graph.Analysis
+    base_costs: Costs
+    device: torch.device
+    seed: int
+    progress: Callable[[float, str | None], None]
+
+    @property
+    def groups(self) -> list[graph.ChannelGroup]:
+        return self.analysis.groups
+
+    @property
+    def round_to(self) -> int:
+        return self.spec.export.round_to
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.model
+
+    def copy_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def dependency_graph(self, model: nn.Module | None = None):
+        return graph.build_dependency_graph(model if model is not None else self.model, self.example)
+
+    def costs(self, model: nn.Module) -> Costs:
+        return torch_costs(model, self.example)
+
+    def train(self, model: nn.Module, epochs: int, lr: float | None = None, **kwargs: Any) -> list[float]:
+        rec = self.spec.recovery
+        kwargs.setdefault("batch_size", rec.batch_size)
+        kwargs.setdefault("optimizer", rec.optimizer)
+        kwargs.setdefault("momentum", rec.momentum)
+        kwargs.setdefault("weight_decay", rec.weight_decay)
+        kwargs.setdefault("schedule", rec.schedule)
+        kwargs.setdefault("seed", self.seed)
+        kwargs.setdefault("device", self.device)
+        return train.train(model, self.data, epochs=epochs, lr=lr if lr is not None else rec.lr, **kwargs)
+
+    def prune_to_budget(
+        self,
+        scores: dict[str, torch.Tensor],
+        allocation: str = "uniform",
+        model: nn.Module | None = None,
+        max_layer_ratio: float = 0.9,
+    ) -> tuple[nn.Module, budget.Plan, dict[str, Any]]:
+        """Remove the lowest-scored channels (root-channel order of each group) until the
+        spec's target is met; returns (pruned copy, plan, details)."""
+        model = model if model is not None else self.model
+        target = self.spec.target
+        groups = [g for g in self.groups if g.name in scores]
+        if target.layers is not None:
+            plan = budget.explicit_plan(groups, scores, target.layers, self.round_to)
+            pruned = budget.apply_plan(model, self.example, plan)
+            return pruned, plan, {"allocation": "layers", "evaluations": 1}
+        chunks = budget.removal_order(groups, scores, allocation, self.round_to, max_layer_ratio)
+        result = budget.search(
+            model,
+            self.example,
+            chunks,
+            target.kind,
+            float(target.fraction),  # type: ignore[arg-type]
+            self.base_costs,
+            progress=lambda f: self.progress(f, None),
+            tolerance=target.tolerance,
+        )
+        return result.model, result.plan, {
+            "allocation": allocation,
+            "evaluations": result.evaluations,
+            "kept_torch_count": result.kept,
+        }
+
+    def prune_plan(self, plan: budget.Plan, model: nn.Module | None = None) -> nn.Module:
+        return budget.apply_plan(model if model is not None else self.model, self.example, plan)
+
+
+def widths_to_plan(groups: Sequence[graph.ChannelGroup], scores: dict[str, torch.Tensor], keep: dict[str, int]) -> budget.Plan:
+    """Keep the `keep[name]` best-scored channels of each group."""
+    plan: budget.Plan = {}
+    for g in groups:
+        if g.name not in keep:
+            continue
+        order = torch.argsort(scores[g.name].double(), stable=True).tolist()
+        plan[g.name] = order[: max(0, g.channels - keep[g.name])]
+    return plan

@@ -1,0 +1,147 @@
+"""Training: fine-tuning, training from scratch, and the hooks methods need.
+
+One loop serves recovery and the training-time methods: `extra_loss` adds a
+regulariser or a distillation term, `after_backward` edits gradients (Network Slimming's
+L1 subgradient), `params` restricts what is trained (gates on frozen weights).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.errors import BadSpec
+
+StepFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
+
+
+@dataclass
+class TensorData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @classmethod
+    def from_numpy(cls, ds) -> TensorData:
+        def x(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) if np.issubdtype(a.dtype, np.floating) else torch.from_numpy(np.ascontiguousarray(a))
+
+        return cls(x(ds.x_train), torch.from_numpy(ds.y_train.astype(np.int64)), x(ds.x_test), torch.from_numpy(ds.y_test.astype(np.int64)))
+
+    def batches(self, batch_size: int, generator: torch.Generator, split: str = "train") -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        order = torch.randperm(len(x), generator=generator) if split == "train" else torch.arange(len(x))
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            yield x[idx], y[idx]
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise BadSpec(f"unknown optimizer {name!r}; use sgd, adam or adamw")
+
+
+def reinitialize(model: nn.Module, seed: int) -> None:
+    """Fresh weights for every layer that knows how to reset itself (Scratch-E/B)."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def train(
+    model: nn.Module,
+    data: TensorData,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    optimizer: str = "adam",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    seed: int = 0,
+    device: torch.device | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    on_step: StepFn | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Cross-entropy training; returns the mean loss of each epoch."""
+    device = device or pick_device()
+    model.to(device)
+    if epochs <= 0:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = make_optimizer(params if params is not None else model.parameters(), optimizer, lr, momentum, weight_decay)
+    steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
+    total = epochs * steps_per_epoch
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        if schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    )
+    history: list[float] = []
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        losses = []
+        for xb, yb in data.batches(batch_size, gen):
+            xb, yb = xb.to(device), yb.to(device)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, xb, yb, logits)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower recovery.lr"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(model)
+            step += 1
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(step, total, losses[-1])
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+        if on_epoch is not None:
+            on_epoch(epoch, history[-1])
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: TensorData, batch_size: int = 256, device: torch.device | None = None) -> float:
+    device = device or pick_device()
+    model.to(device).eval()
+    correct = 0
+    for xb, yb in data.batches(batch_size, torch.Generator(), split="test"):
+        correct += int((model(xb.to(device)).argmax(-1).cpu() == yb).sum())
+    return correct / max(len(data.y_test), 1)

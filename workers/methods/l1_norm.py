@@ -1,0 +1,50 @@
+"""l1_norm (Li et al. 2017) and the `random` control.
+
+Li et al. score each output filter by the sum of its absolute weights and drop the
+smallest. Through the dependency graph, channels that must go together (a residual sum,
+a concat slot, a depthwise conv after it) are scored together: the score of a root
+channel is the sum of the L1 norms of every coupled output filter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.engine.graph import channel_scores
+from workers.engine.method import MethodResult, PruneContext
+from workers.methods.catalog import L1NormParams, RandomParams
+
+
+def filter_l1(module: nn.Module) -> torch.Tensor | None:
+    """Sum of |w| of each output filter of a Conv/Linear; None for other layers."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return module.weight.detach().abs().flatten(1).sum(1)
+    return None
+
+
+class L1Norm:
+    def __init__(self, params: L1NormParams) -> None:
+        self.params = params
+
+    def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
+        dg = ctx.dependency_graph()
+        return {g.name: channel_scores(ctx.model, dg, g.name, filter_l1) for g in ctx.groups}
+
+    def run(self, ctx: PruneContext) -> MethodResult:
+        scores = self.scores(ctx)
+        pruned, plan, details = ctx.prune_to_budget(scores, self.params.allocation)
+        details["removed_channels"] = {k: len(v) for k, v in plan.items()}
+        return MethodResult(pruned, details=details)
+
+
+class RandomChannels:
+    def __init__(self, params: RandomParams) -> None:
+        self.params = params
+
+    def run(self, ctx: PruneContext) -> MethodResult:
+        gen = torch.Generator().manual_seed(ctx.seed)
+        scores = {g.name: torch.rand(g.channels, generator=gen, dtype=torch.float64) for g in ctx.groups}
+        pruned, plan, details = ctx.prune_to_budget(scores, self.params.allocation)
+        details["removed_channels"] = {k: len(v) for k, v in plan.items()}
+        return MethodResult(pruned, details=details)
