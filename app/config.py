@@ -7,6 +7,7 @@ kombu's filesystem transport); `prunery serve` fills them in. A deployment sets
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_home() -> Path:
-    return Path.home() / ".prunery"
+    """Where the embedded default keeps its database, broker folder and artifacts."""
+    return Path(os.environ.get("PRUNERY_HOME") or Path.home() / ".prunery")
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,494 @@
+"""The Prunery client: `Client` → namespaces (`client.models`, `client.datasets`,
+`client.jobs`, `client.methods`) → resources (`Job`, `Model`, ... as pydantic models).
+
+    from prunery import Client
+    client = Client()                       # PRUNERY_URL / PRUNERY_API_KEY, or `prunery serve`'s credentials
+    model = client.models.upload("net.onnx")
+    data = client.datasets.upload("digits.npz")
+    job = client.jobs.create({"model_id": model.id, "dataset_id": data.id,
+                              "method": {"name": "l1_norm"}, "target": {"flops": 0.5}})
+    job.wait(progress=True)
+    job.download("out/")
+
+Only idempotent calls are retried (GET, DELETE, cancel, and job creation, which always sends
+an Idempotency-Key), on 429/503/504 and connection errors, with jittered exponential
+backoff that honours Retry-After. Depends only on httpx and pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, PrivateAttr
+
+from prunery.errors import (
+    ConfigError,
+    ConnectionFailed,
+    GateMissed,
+    JobCancelled,
+    JobFailed,
+    WaitTimeout,
+    error_for,
+)
+from prunery.report import Report
+from prunery.spec import JobSpec
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+RETRY_STATUSES = frozenset({429, 503, 504})
+ARTIFACTS = ("model.onnx", "report.json", "report.md")
+
+
+def prunery_home() -> Path:
+    return Path(os.environ.get("PRUNERY_HOME") or Path.home() / ".prunery")
+
+
+def credentials_path() -> Path:
+    return prunery_home() / "credentials.json"
+
+
+def load_credentials() -> dict[str, str]:
+    path = credentials_path()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- resources
+
+
+class _Resource(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    _client: Client | None = PrivateAttr(default=None)
+
+    def _bind(self, client: Client) -> _Resource:
+        self._client = client
+        return self
+
+
+class Model(_Resource):
+    id: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    opset: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    op_histogram: dict[str, int]
+    parameter_count: int
+
+
+class Dataset(_Resource):
+    id: str
+    filename: str
+    format: str
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+    task: str
+    train: int
+    test: int
+    sample_shape: list[int]
+    num_classes: int
+
+
+class Method(_Resource):
+    name: str
+    summary: str
+    paper: str
+    tasks: list[str]
+    params_schema: dict[str, Any]
+
+
+class ErrorInfo(BaseModel):
+    error: str
+    detail: str
+
+
+class JobEvent(BaseModel):
+    id: int
+    at: datetime
+    kind: str
+    status: str | None = None
+    stage: str | None = None
+    progress: float | None = None
+    message: str | None = None
+
+
+class Job(_Resource):
+    id: str
+    status: JobStatus
+    stage: str | None = None
+    progress: float = 0.0
+    message: str | None = None
+    error: ErrorInfo | None = None
+    gates_passed: bool | None = None
+    attempts: int = 0
+    max_attempts: int = 0
+    model_id: str | None = None
+    dataset_id: str | None = None
+    spec: dict[str, Any] = {}
+    artifacts: list[str] = []
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise ConfigError("this Job is not bound to a Client")
+        return self._client
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+    def _update(self, other: Job) -> Job:
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(other, name))
+        return self
+
+    def refresh(self) -> Job:
+        return self._update(self.client.jobs.get(self.id))
+
+    def cancel(self) -> Job:
+        return self._update(self.client.jobs.cancel(self.id))
+
+    def report(self) -> Report:
+        return self.client.jobs.report(self.id)
+
+    def events(self, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
+        return self.client.jobs.events(self.id, follow=follow, after=after)
+
+    def download(self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS) -> dict[str, Path]:
+        return self.client.jobs.download(self.id, directory, names)
+
+    def gate_failures(self) -> list[str]:
+        if self.gates_passed is not False:
+            return []
+        report = self.report()
+        return [f"{g.name}: {g.value:g} > {g.limit:g}" for g in report.gates if not g.passed]
+
+    def wait(
+        self,
+        progress: bool = False,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        raise_on_failure: bool = True,
+        check_gates: bool = False,
+    ) -> Job:
+        """Poll until the job ends. Raises JobFailed / JobCancelled (unless
+        raise_on_failure=False), GateMissed when check_gates and a gate was missed, and
+        WaitTimeout after `timeout` seconds."""
+        bar = _ProgressBar(self.id) if progress else None
+        start = time.monotonic()
+        try:
+            while True:
+                self.refresh()
+                if bar:
+                    bar.update(self)
+                if self.done:
+                    break
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise WaitTimeout(self, timeout)
+                time.sleep(poll_interval)
+        finally:
+            if bar:
+                bar.close()
+        if raise_on_failure and self.status == "cancelled":
+            raise JobCancelled(self)
+        if raise_on_failure and self.status == "failed":
+            raise JobFailed(self)
+        if check_gates and self.gates_passed is False:
+            raise GateMissed(self, self.gate_failures())
+        return self
+
+
+class _ProgressBar:
+    """A dependency-free text progress bar on stderr."""
+
+    def __init__(self, job_id: str, width: int = 30, stream: Any = None) -> None:
+        self.job_id, self.width = job_id, width
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = ""
+
+    def update(self, job: Job) -> None:
+        filled = int(round(job.progress * self.width))
+        bar = "#" * filled + "-" * (self.width - filled)
+        what = job.stage or job.status
+        msg = f" {job.message[:50]}" if job.message else ""
+        line = f"{self.job_id} [{bar}] {job.progress * 100:5.1f}% {job.status}:{what}{msg}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            self.stream.flush()
+        elif line.split("%")[-1] != self._last.split("%")[-1]:  # non-TTY: one line per change
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        self._last = line
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class Page(BaseModel):
+    data: list[Any]
+    count: int
+
+
+# ---------------------------------------------------------------- namespaces
+
+
+class _Namespace:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+
+class Models(_Namespace):
+    path = "/v1/models"
+    resource: type[_Resource] = Model
+
+    def upload(self, path: str | os.PathLike[str], **fields: str) -> Any:
+        """Upload a file (streamed). Uploading the same bytes again returns the same object."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+
+        def files() -> dict[str, Any]:
+            return {"file": (path.name, open(path, "rb"), "application/octet-stream")}
+
+        data = {k: str(v) for k, v in fields.items() if v is not None}
+        # Uploads are idempotent (deduplicated by sha256), so they may be retried.
+        body = self._client.request("POST", self.path, files=files, data=data, idempotent=True)
+        return self.resource.model_validate(body)._bind(self._client)
+
+    def get(self, ident: str) -> Any:
+        return self.resource.model_validate(self._client.request("GET", f"{self.path}/{ident}"))._bind(self._client)
+
+    def list(self, limit: int = 50, offset: int = 0) -> Page:
+        body = self._client.request("GET", self.path, params={"limit": limit, "offset": offset})
+        return Page(data=[self.resource.model_validate(d)._bind(self._client) for d in body["data"]], count=body["count"])
+
+    def delete(self, ident: str) -> None:
+        self._client.request("DELETE", f"{self.path}/{ident}")
+
+
+class Datasets(Models):
+    path = "/v1/datasets"
+    resource = Dataset
+
+    def upload(self, path: str | os.PathLike[str], task: str | None = None,  # type: ignore[override]
+               image_size: tuple[int, int] | None = None, grayscale: bool | None = None) -> Dataset:
+        fields: dict[str, Any] = {"task": task}
+        if image_size:
+            fields["image_size"] = f"{image_size[0]},{image_size[1]}"
+        if grayscale is not None:
+            fields["grayscale"] = str(grayscale).lower()
+        return super().upload(path, **{k: v for k, v in fields.items() if v is not None})
+
+
+class Methods(_Namespace):
+    def list(self) -> list[Method]:
+        return [Method.model_validate(m) for m in self._client.request("GET", "/v1/methods")["data"]]
+
+
+class Jobs(_Namespace):
+    def create(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> Job:
+        """Submit a job. An Idempotency-Key is always sent (a fresh one unless given), so a
+        retried submission never creates a second job."""
+        body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+        key = idempotency_key or str(uuid.uuid4())
+        job = self._client.request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, idempotent=True)
+        return Job.model_validate(job)._bind(self._client)  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._client.request("GET", f"/v1/jobs/{job_id}"))._bind(self._client)  # type: ignore[return-value]
+
+    def list(self, status: str | list[str] | None = None, limit: int = 50, offset: int = 0) -> Page:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = [status] if isinstance(status, str) else status
+        body = self._client.request("GET", "/v1/jobs", params=params)
+        return Page(data=[Job.model_validate(d)._bind(self._client) for d in body["data"]], count=body["count"])
+
+    def cancel(self, job_id: str) -> Job:
+        # Cancelling twice is harmless, so the call is retried like a GET.
+        body = self._client.request("POST", f"/v1/jobs/{job_id}/cancel", idempotent=True)
+        return Job.model_validate(body)._bind(self._client)  # type: ignore[return-value]
+
+    def report(self, job_id: str) -> Report:
+        return Report.model_validate(self._client.request("GET", f"/v1/jobs/{job_id}/report"))
+
+    def events(self, job_id: str, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
+        if not follow:
+            body = self._client.request(
+                "GET", f"/v1/jobs/{job_id}/events", params={"after": after},
+                headers={"Accept": "application/json"},
+            )
+            yield from (JobEvent.model_validate(e) for e in body)
+            return
+        with self._client.stream("GET", f"/v1/jobs/{job_id}/events", params={"after": after},
+                                 headers={"Accept": "text/event-stream"}) as response:
+            kind, data = None, []
+            for line in response.iter_lines():
+                if line == "":
+                    if kind not in (None, "end") and data:
+                        yield JobEvent.model_validate_json("\n".join(data))
+                    if kind == "end":
+                        return
+                    kind, data = None, []
+                elif line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+
+    def download(self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS) -> dict[str, Path]:
+        """Stream artifacts into `directory` (written to a temp name, then renamed)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        for name in names:
+            dest = out / name
+            tmp = out / f".{name}.part"
+            with self._client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+                with open(tmp, "wb") as fh:
+                    for chunk in response.iter_bytes(1 << 20):
+                        fh.write(chunk)
+            os.replace(tmp, dest)
+            paths[name] = dest
+        return paths
+
+
+# ---------------------------------------------------------------- the client
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        creds: dict[str, str] = {}
+        if not (base_url or os.environ.get("PRUNERY_URL")) or not (api_key or os.environ.get("PRUNERY_API_KEY")):
+            creds = load_credentials()
+        self.base_url = (base_url or os.environ.get("PRUNERY_URL") or creds.get("url") or "").rstrip("/")
+        api_key = api_key or os.environ.get("PRUNERY_API_KEY") or creds.get("api_key")
+        if not self.base_url:
+            raise ConfigError(
+                "no Prunery server: pass base_url, set PRUNERY_URL, or start one with `prunery serve`"
+            )
+        self.max_retries, self.backoff = max_retries, backoff
+        headers = {"User-Agent": "prunery-sdk/0.1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+        )
+        self.models = Models(self)
+        self.datasets = Datasets(self)
+        self.jobs = Jobs(self)
+        self.methods = Methods(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            retry_after = response.headers.get("Retry-After", "")
+            if retry_after.isdigit():
+                return min(60.0, float(retry_after)) * random.uniform(1.0, 1.2)
+        # Exponential backoff with full jitter.
+        return random.uniform(0, min(30.0, self.backoff * 2**attempt))
+
+    def _send(self, method: str, path: str, *, idempotent: bool | None, stream: bool = False,
+              files: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
+        attempt = 0
+        while True:
+            opened = files() if files else None
+            try:
+                request = self._http.build_request(method, path, files=opened, **kwargs)
+                response = self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if not idempotent or attempt >= self.max_retries:
+                    raise ConnectionFailed(f"{method} {self.base_url}{path}: {exc}") from exc
+                time.sleep(self._delay(attempt, None))
+                attempt += 1
+                continue
+            finally:
+                if opened:
+                    for value in opened.values():
+                        if isinstance(value, tuple) and hasattr(value[1], "close"):
+                            value[1].close()
+            if response.status_code in RETRY_STATUSES and idempotent and attempt < self.max_retries:
+                response.close()
+                time.sleep(self._delay(attempt, response))
+                attempt += 1
+                continue
+            if response.status_code >= 400:
+                if stream:
+                    response.read()
+                raise self._error(response)
+            return response
+
+    @staticmethod
+    def _error(response: httpx.Response) -> Exception:
+        try:
+            body = response.json()
+            code, detail = body.get("error", "http_error"), body.get("detail", response.text)
+        except ValueError:
+            code, detail = "http_error", response.text[:500] or response.reason_phrase
+        return error_for(response.status_code, str(code), str(detail), response)
+
+    def request(self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any) -> Any:
+        response = self._send(method, path, idempotent=idempotent, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    def stream(self, method: str, path: str, **kwargs: Any) -> _Stream:
+        return _Stream(self, method, path, kwargs)
+
+
+class _Stream:
+    def __init__(self, client: Client, method: str, path: str, kwargs: dict[str, Any]) -> None:
+        self.client, self.method, self.path, self.kwargs = client, method, path, kwargs
+        self.response: httpx.Response | None = None
+
+    def __enter__(self) -> httpx.Response:
+        self.response = self.client._send(self.method, self.path, idempotent=True, stream=True, **self.kwargs)
+        return self.response
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.response is not None:
+            self.response.close()
