@@ -121,8 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"credentials written to {creds_path} (the prunery CLI and SDK read them)", flush=True)
     if worker:
         print(f"worker pid {worker.pid}, log {home / 'worker.log'}", flush=True)
+    def _terminate(signum: int, _frame: object) -> None:
+        # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into an
+        # exception lets the `finally` below stop the worker too.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
     finally:
         if worker:
             stop_process_group(worker)

@@ -31,13 +31,15 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # kombu's filesystem transport: the embedded default, no broker server. The API and
         # the worker share one folder for messages in both directions.
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
             "store_processed": False,
+            # Broadcast/fanout exchange state (default: ./control in the working directory).
+            "control_folder": str(folder / "control"),
         }
     elif settings.broker_url.startswith(("redis", "rediss")):
         transport_options = {
