@@ -247,7 +247,7 @@ class ViT(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(1, dim, 2, 2)
         self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.blocks = nn.Sequential(TransformerBlock(dim, heads, 128), TransformerBlock(dim, heads, 128))
+        self.blocks = nn.Sequential(TransformerBlock(dim, heads, 4 * dim), TransformerBlock(dim, heads, 4 * dim))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, NUM_CLASSES)
 

@@ -241,7 +241,7 @@ def run(
     classes = logits_before.shape[1]
     top5 = classes >= 5
     accuracy = AccuracyResult(
-        before=acc_b, after=acc_a, drop=round((acc_b - acc_a) * 100.0, 4),
+        before=acc_b, after=acc_a, drop=(acc_b - acc_a) * 100.0,
         top5_before=export_mod.topk_accuracy(logits_before, y, 5) if top5 else None,
         top5_after=export_mod.topk_accuracy(logits_after, y, 5) if top5 else None,
         samples=len(y),
