@@ -158,19 +158,37 @@ def _drop_unused_constants(gm: fx.GraphModule) -> None:
 
 
 class _LocatingInterpreter(fx.Interpreter):
+    """Runs a GraphModule node by node: errors name the failing op, and ops that change the
+    batch dimension (a channel count baked into a constant Reshape) are recorded."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.batch_changes: list[str] = []
+
     def run_node(self, n: fx.Node):  # type: ignore[override]
+        target = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
         try:
-            return super().run_node(n)
+            out = super().run_node(n)
         except Exception as exc:
-            target = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RuntimeError(f"op {target!r} fails: {msg}") from None
+        if n.op == "call_module" and isinstance(out, torch.Tensor) and n.args and isinstance(n.args[0], fx.Node):
+            src = self.env.get(n.args[0])
+            if isinstance(src, torch.Tensor) and src.dim() and out.dim() and src.shape[0] != out.shape[0]:
+                if "Reshape" in type(self.module.get_submodule(str(n.target))).__name__:
+                    self.batch_changes.append(f"{target!r} turned batch {src.shape[0]} into {out.shape[0]}")
+        return out
 
 
-def run_located(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def run_located(model: nn.Module, x: torch.Tensor, batch_changes: list[str] | None = None) -> torch.Tensor:
     """Forward pass whose errors name the failing op of the converted graph."""
     if isinstance(model, fx.GraphModule):
-        out = _LocatingInterpreter(model).run(x)
+        interp = _LocatingInterpreter(model)
+        try:
+            out = interp.run(x)
+        finally:
+            if batch_changes is not None:
+                batch_changes.extend(interp.batch_changes)
     else:
         out = model(x)
     if isinstance(out, (tuple, list)):
@@ -291,11 +309,19 @@ def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, ro
         group.prune()
     except Exception as exc:
         return f"Torch-Pruning cannot remove these channels ({type(exc).__name__}: {_first_line(exc)})"
+    changes: list[str] = []
     try:
         with torch.no_grad():
-            pruned = run_located(m, batch)
+            pruned = run_located(m, batch, changes)
     except Exception as exc:
+        if changes:
+            return (
+                f"its channel count is baked into the constant shape of Reshape {changes[0]} "
+                f"once channels are removed, and then {_first_line(exc)}"
+            )
         return f"the pruned graph no longer runs: {_first_line(exc)}"
+    if changes:
+        return f"its channel count is baked into the constant shape of Reshape {changes[0]} once channels are removed"
     if pruned.shape != reference.shape:
         return (
             f"removing its channels changes the model output shape {tuple(reference.shape)} -> "
