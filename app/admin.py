@@ -24,16 +24,23 @@ from app.security import create_api_key, create_tenant
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.admin", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.admin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="alembic upgrade head", parents=[common])
-    p = sub.add_parser("create-tenant", help="create a tenant and its first API key", parents=[common])
+    p = sub.add_parser(
+        "create-tenant", help="create a tenant and its first API key", parents=[common]
+    )
     p.add_argument("name")
     p.add_argument("--key-name", default="default")
-    p = sub.add_parser("create-key", help="create another API key for a tenant (by name or id)", parents=[common])
+    p = sub.add_parser(
+        "create-key", help="create another API key for a tenant (by name or id)", parents=[common]
+    )
     p.add_argument("tenant")
     p.add_argument("--name", default="")
     p = sub.add_parser("revoke-key", help="revoke an API key by id", parents=[common])
@@ -54,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             tenant = create_tenant(s, args.name)
             key_row, key = create_api_key(s, tenant, args.key_name)
-            out = {"tenant_id": tenant.id, "tenant": tenant.name, "key_id": key_row.id, "api_key": key}
+            out = {
+                "tenant_id": tenant.id,
+                "tenant": tenant.name,
+                "key_id": key_row.id,
+                "api_key": key,
+            }
         elif args.cmd == "create-key":
-            tenant = s.scalar(select(Tenant).where((Tenant.name == args.tenant) | (Tenant.id == args.tenant)))
+            tenant = s.scalar(
+                select(Tenant).where((Tenant.name == args.tenant) | (Tenant.id == args.tenant))
+            )
             if tenant is None:
                 print(f"no tenant {args.tenant!r}", file=sys.stderr)
                 return 2

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3, description="Runs per job before a lost worker fails the job for good."
     )
+    worker_max_tasks_per_child: int = Field(
+        default=1, description="Recycle the pool child after this many jobs (0: never)."
+    )
+    worker_preload_engine: bool = Field(
+        default=True, description="Import the engine in the worker parent so children fork warm."
+    )
     progress_min_interval_s: float = Field(
         default=0.5, description="Throttle of progress writes to the database."
     )

@@ -95,7 +95,9 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
 
 
-def _render(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _render(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         status_code=status, content={"error": code, "detail": detail}, headers=headers or None
     )
@@ -105,7 +107,11 @@ def _validation_detail(exc: RequestValidationError) -> tuple[int, str, str]:
     problems = []
     for err in exc.errors():
         if err.get("type") == "json_invalid":
-            return 400, "bad_json", f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+            return (
+                400,
+                "bad_json",
+                f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}",
+            )
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         problems.append(f"{'.'.join(loc) or 'body'}: {err.get('msg')}")
     return 422, "validation_error", "; ".join(problems) or "invalid request"
@@ -131,9 +137,16 @@ def install_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = "no such endpoint; see /docs for the API"
-        return _render(exc.status_code, codes.get(exc.status_code, "http_error"), detail, getattr(exc, "headers", None))
+        return _render(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            detail,
+            getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return _render(500, "internal_error", f"internal error ({type(exc).__name__}); it was logged")
+        return _render(
+            500, "internal_error", f"internal error ({type(exc).__name__}); it was logged"
+        )

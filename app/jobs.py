@@ -51,7 +51,9 @@ def set_state(session: Session, job: Job, status: str, message: str | None = Non
     add_event(session, job, "state", message or status)
 
 
-def enqueue(celery: Celery, settings: Settings, factory: sessionmaker[Session], job_id: str) -> bool:
+def enqueue(
+    celery: Celery, settings: Settings, factory: sessionmaker[Session], job_id: str
+) -> bool:
     """Publish run_job(job_id) and stamp enqueued_at. Called only after the row is committed.
 
     A failure here is logged, not raised: the job stays queued with enqueued_at unset and

@@ -30,8 +30,10 @@ JOBS_SUBMITTED = Counter(
     "prunery_jobs_submitted_total", "Jobs accepted by POST /v1/jobs.", registry=REGISTRY
 )
 JOBS_BY_STATUS = Gauge(
-    "prunery_jobs", "Jobs in the database by status (all tenants), read at scrape time.",
-    ["status"], registry=REGISTRY,
+    "prunery_jobs",
+    "Jobs in the database by status (all tenants), read at scrape time.",
+    ["status"],
+    registry=REGISTRY,
 )
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
+from prunery.spec import JobSpec
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ErrorBody
-from prunery.spec import JobSpec
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
@@ -70,7 +70,9 @@ class JobPublic(BaseModel):
     stage: str | None
     progress: float = Field(ge=0.0, le=1.0)
     message: str | None = None
-    error: ErrorBody | None = Field(default=None, description="Why the job failed or was cancelled.")
+    error: ErrorBody | None = Field(
+        default=None, description="Why the job failed or was cancelled."
+    )
     gates_passed: bool | None = Field(
         default=None,
         description="Set when the job succeeded: false means the model was produced but a gate "

@@ -56,15 +56,30 @@ def _ensure_key(settings, url: str, creds_path: Path) -> str:  # type: ignore[no
     return key
 
 
-def start_worker(home: Path, log_path: Path, queues: str = "gpu,control", concurrency: int = 1) -> subprocess.Popen[bytes]:
+def start_worker(
+    home: Path, log_path: Path, queues: str = "gpu,control", concurrency: int = 1
+) -> subprocess.Popen[bytes]:
     """A Celery worker (with the reaper's beat embedded) in its own process group."""
     log = open(log_path, "ab")
     return subprocess.Popen(
         [
-            sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-            "-Q", queues, "-c", str(concurrency), "-B",
-            "-s", str(home / "celerybeat-schedule"),
-            "-n", f"prunery-{os.getpid()}@%h", "--loglevel", "INFO",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            queues,
+            "-c",
+            str(concurrency),
+            "-B",
+            "-s",
+            str(home / "celerybeat-schedule"),
+            "-n",
+            f"prunery-{os.getpid()}@%h",
+            "--loglevel",
+            "INFO",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -88,11 +103,16 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="prunery serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prunery serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--host", default=os.environ.get("PRUNERY_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PRUNERY_PORT", "8000")))
-    parser.add_argument("--home", type=Path, help="state directory (default $PRUNERY_HOME or ~/.prunery)")
+    parser.add_argument(
+        "--home", type=Path, help="state directory (default $PRUNERY_HOME or ~/.prunery)"
+    )
     parser.add_argument("--no-worker", action="store_true", help="run only the API")
     args = parser.parse_args(argv)
 
@@ -121,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"credentials written to {creds_path} (the prunery CLI and SDK read them)", flush=True)
     if worker:
         print(f"worker pid {worker.pid}, log {home / 'worker.log'}", flush=True)
+
     def _terminate(signum: int, _frame: object) -> None:
         # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into an
         # exception lets the `finally` below stop the worker too.

@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from collections.abc import Callable
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -43,7 +43,9 @@ def clean_filename(raw: str) -> str:
 class _Receiver:
     """python-multipart callbacks writing the `file` part to disk."""
 
-    def __init__(self, workdir: Path, suffix_for: Callable[[str], str], max_bytes: int, file_field: str):
+    def __init__(
+        self, workdir: Path, suffix_for: Callable[[str], str], max_bytes: int, file_field: str
+    ):
         self.workdir = workdir
         self.suffix_for = suffix_for
         self.max_bytes = max_bytes
@@ -96,9 +98,7 @@ class _Receiver:
         if self.part_name == self.file_field and self.fh is not None:
             self.size += len(chunk)
             if self.size > self.max_bytes:
-                raise PayloadTooLarge(
-                    f"the upload is larger than the {self.max_bytes} byte limit"
-                )
+                raise PayloadTooLarge(f"the upload is larger than the {self.max_bytes} byte limit")
             self.hasher.update(chunk)
             self.fh.write(chunk)
         else:

@@ -44,11 +44,19 @@ def train_digits(out: Path, epochs: int = 20) -> tuple[Path, Path, float]:
 
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     )
     xt, yt = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -60,11 +68,18 @@ def train_digits(out: Path, epochs: int = 20) -> tuple[Path, Path, float]:
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = float((model(torch.from_numpy(arrays["x_test"])).argmax(1).numpy() == arrays["y_test"]).mean())
+        acc = float(
+            (model(torch.from_numpy(arrays["x_test"])).argmax(1).numpy() == arrays["y_test"]).mean()
+        )
     model_path = out / "digits_cnn.onnx"
     torch.onnx.export(
-        model, torch.zeros(1, 1, 8, 8), str(model_path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"],
+        model,
+        torch.zeros(1, 1, 8, 8),
+        str(model_path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
     )
     return model_path, data_path, acc
@@ -80,7 +95,9 @@ def start_server(home: Path, port: int) -> subprocess.Popen[bytes]:
     log = open(home / "serve.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "prunery.cli", "serve", "--home", str(home), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
         env={**os.environ, "PRUNERY_HOME": str(home)},
     )
     import httpx
@@ -90,8 +107,10 @@ def start_server(home: Path, port: int) -> subprocess.Popen[bytes]:
         if proc.poll() is not None:
             raise SystemExit(f"prunery serve exited:\n{(home / 'serve.log').read_text()[-3000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200 \
-                    and (home / "credentials.json").is_file():
+            if (
+                httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                and (home / "credentials.json").is_file()
+            ):
                 return proc
         except httpx.HTTPError:
             pass
@@ -101,7 +120,9 @@ def start_server(home: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=REPO / ".prunery" / "demo-out")
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs of the job")
     parser.add_argument("--flops", type=float, default=0.5)
@@ -122,23 +143,32 @@ def main() -> int:
         client = Client()  # URL and API key from the credentials `prunery serve` wrote
         print(f"      serving at {client.base_url}", flush=True)
 
-        print("[2/5] training a small CNN on scikit-learn's digits and exporting it to ONNX ...", flush=True)
+        print(
+            "[2/5] training a small CNN on scikit-learn's digits and exporting it to ONNX ...",
+            flush=True,
+        )
         model_path, data_path, acc = train_digits(args.out)
         print(f"      test accuracy {acc * 100:.2f}%  →  {model_path}", flush=True)
 
         print("[3/5] uploading the model and the dataset, submitting l1_norm ...", flush=True)
         model = client.models.upload(model_path)
         data = client.datasets.upload(data_path)
-        print(f"      model {model.id}: {model.parameter_count:,} parameters, ops {model.op_histogram}")
-        print(f"      dataset {data.id}: {data.train} train / {data.test} test samples of {data.sample_shape}")
-        job = client.jobs.create({
-            "model_id": model.id,
-            "dataset_id": data.id,
-            "method": {"name": "l1_norm"},
-            "target": {"flops": args.flops},
-            "recovery": {"mode": "finetune", "epochs": args.epochs},
-            "gates": {"max_accuracy_drop": 2.0},
-        })
+        print(
+            f"      model {model.id}: {model.parameter_count:,} parameters, ops {model.op_histogram}"
+        )
+        print(
+            f"      dataset {data.id}: {data.train} train / {data.test} test samples of {data.sample_shape}"
+        )
+        job = client.jobs.create(
+            {
+                "model_id": model.id,
+                "dataset_id": data.id,
+                "method": {"name": "l1_norm"},
+                "target": {"flops": args.flops},
+                "recovery": {"mode": "finetune", "epochs": args.epochs},
+                "gates": {"max_accuracy_drop": 2.0},
+            }
+        )
         print(f"      job {job.id} submitted; waiting:", flush=True)
         job.wait(progress=True)
 
@@ -155,8 +185,10 @@ def main() -> int:
         session = ort.InferenceSession(str(pruned), providers=["CPUExecutionProvider"])
         logits = session.run(None, {session.get_inputs()[0].name: arrays["x_test"]})[0]
         check = float((logits.argmax(1) == arrays["y_test"]).mean())
-        print(f"[5/5] pruned ONNX saved to {pruned} ({pruned.stat().st_size:,} bytes, original "
-              f"{model_path.stat().st_size:,}); onnxruntime test accuracy {check * 100:.2f}%")
+        print(
+            f"[5/5] pruned ONNX saved to {pruned} ({pruned.stat().st_size:,} bytes, original "
+            f"{model_path.stat().st_size:,}); onnxruntime test accuracy {check * 100:.2f}%"
+        )
         print(f"      report: {paths['report.md']}")
         return 0 if job.gates_passed is not False else 4
     finally:

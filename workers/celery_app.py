@@ -61,7 +61,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # Publishing from the API: retry briefly, then give up. The job row is already
         # committed; the reaper re-publishes jobs whose enqueue never happened.
         task_publish_retry=True,
-        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+        task_publish_retry_policy={
+            "max_retries": 3,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
         # No result backend: outcomes live in the jobs table, where the API reads them.
         task_ignore_result=True,
         result_backend=None,
@@ -78,9 +83,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         # One GPU, one job at a time per worker process; scale with more workers.
         worker_concurrency=1,
-        # A fresh child per job: frees GPU/host memory that torch caches would otherwise
-        # keep, and isolates a job that corrupted the process.
-        worker_max_tasks_per_child=1,
+        # A fresh child per job (default 1): frees GPU/host memory that torch caches would
+        # otherwise keep, and isolates a job that corrupted the process. Costs ~1-2 s of
+        # start-up per job (children fork from a parent that preloaded the engine).
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child or None,
         # Soft limit: SoftTimeLimitExceeded is raised in the task, which marks the job failed
         # with a clear reason. Hard limit: the child is killed if it ignores the soft one.
         task_soft_time_limit=settings.job_soft_time_limit_s,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,8 +62,19 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None:
         settings = get_settings()
-        _runtime = Runtime(settings, make_sessionmaker(make_engine(settings)), make_storage(settings))
+        _runtime = Runtime(
+            settings, make_sessionmaker(make_engine(settings)), make_storage(settings)
+        )
     return _runtime
+
+
+@worker_init.connect
+def _preload_engine(**_: Any) -> None:
+    """Import the engine (torch, onnx2torch: seconds) once in the worker's main process, so
+    every pool child forked from it starts warm. Importing torch does not initialise CUDA,
+    so forking afterwards is safe."""
+    if get_settings().worker_preload_engine:
+        import workers.engine.pipeline  # noqa: F401
 
 
 @worker_process_init.connect
@@ -141,7 +152,12 @@ def claim(rt: Runtime, job_id: str) -> tuple[str, dict[str, Any]] | str:
         job.heartbeat_at = now
         job.stage, job.progress, job.message = "load", 0.0, None
         job.error_code = job.error_detail = None
-        set_state(s, job, "running", f"running on {job.worker} (attempt {job.attempts} of {job.max_attempts})")
+        set_state(
+            s,
+            job,
+            "running",
+            f"running on {job.worker} (attempt {job.attempts} of {job.max_attempts})",
+        )
         model = s.get(ModelFile, job.model_id) if job.model_id else None
         dataset = s.get(DatasetFile, job.dataset_id) if job.dataset_id else None
         eval_ds = s.get(DatasetFile, job.eval_dataset_id) if job.eval_dataset_id else None
@@ -211,7 +227,11 @@ class JobReporter:
         now = time.monotonic()
         fraction = min(1.0, max(0.0, float(fraction)))
         new_stage = stage != self._stage
-        if not (new_stage or message or now - self._last_write >= self.rt.settings.progress_min_interval_s):
+        if not (
+            new_stage
+            or message
+            or now - self._last_write >= self.rt.settings.progress_min_interval_s
+        ):
             return
         self._last_write = now
         self._stage = stage
@@ -256,7 +276,9 @@ def _finish(rt: Runtime, job_id: str, token: str, **values: Any) -> bool:
     with transaction(rt.factory) as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None or job.run_token != token:
-            log.warning("job %s: this run lost ownership; its outcome (%s) is discarded", job_id, status)
+            log.warning(
+                "job %s: this run lost ownership; its outcome (%s) is discarded", job_id, status
+            )
             return False
         for k, v in values.items():
             setattr(job, k, v)
@@ -295,24 +317,54 @@ def execute(rt: Runtime, job_id: str) -> str:
             except LostOwnership:
                 return "lost ownership"
             except Cancelled:
-                _finish(rt, job_id, token, status="cancelled", error_code="cancelled",
-                        error_detail="cancelled by the user", event_message="cancelled while running")
+                _finish(
+                    rt,
+                    job_id,
+                    token,
+                    status="cancelled",
+                    error_code="cancelled",
+                    error_detail="cancelled by the user",
+                    event_message="cancelled while running",
+                )
                 return "cancelled"
             except EngineError as exc:
-                _finish(rt, job_id, token, status="failed", error_code=exc.code, error_detail=exc.message,
-                        event_message=f"{exc.code}: {exc.message}")
+                _finish(
+                    rt,
+                    job_id,
+                    token,
+                    status="failed",
+                    error_code=exc.code,
+                    error_detail=exc.message,
+                    event_message=f"{exc.code}: {exc.message}",
+                )
                 return f"failed: {exc.code}"
             except SoftTimeLimitExceeded:
-                detail = (f"the job ran past the time limit of {settings.job_soft_time_limit_s} s; "
-                          "ask for fewer epochs or raise PRUNERY_JOB_SOFT_TIME_LIMIT_S")
-                _finish(rt, job_id, token, status="failed", error_code="time_limit", error_detail=detail,
-                        event_message=detail)
+                detail = (
+                    f"the job ran past the time limit of {settings.job_soft_time_limit_s} s; "
+                    "ask for fewer epochs or raise PRUNERY_JOB_SOFT_TIME_LIMIT_S"
+                )
+                _finish(
+                    rt,
+                    job_id,
+                    token,
+                    status="failed",
+                    error_code="time_limit",
+                    error_detail=detail,
+                    event_message=detail,
+                )
                 return "failed: time limit"
             except Exception as exc:
                 log.exception("job %s crashed", job_id)
                 detail = f"the engine crashed ({type(exc).__name__}: {exc}); this is a bug, please report it"
-                _finish(rt, job_id, token, status="failed", error_code="internal_error",
-                        error_detail=detail[:2000], event_message=detail[:2000])
+                _finish(
+                    rt,
+                    job_id,
+                    token,
+                    status="failed",
+                    error_code="internal_error",
+                    error_detail=detail[:2000],
+                    event_message=detail[:2000],
+                )
                 return "failed: internal error"
 
             artifacts: dict[str, dict[str, Any]] = {}
@@ -320,16 +372,32 @@ def execute(rt: Runtime, job_id: str) -> str:
             for name in ARTIFACT_NAMES:
                 path = out_dir / name
                 if path.is_file():
-                    entry = {"key": f"{prefix}/{name}", "size": path.stat().st_size, "sha256": _sha256(path)}
+                    entry = {
+                        "key": f"{prefix}/{name}",
+                        "size": path.stat().st_size,
+                        "sha256": _sha256(path),
+                    }
                     rt.storage.put_file(path, entry["key"])
                     artifacts[name] = entry
             gates_passed = report.gates_passed
-            missed = [f"{g.name}: {g.value:g} > limit {g.limit:g}" for g in report.gates if not g.passed]
-            message = "succeeded" if gates_passed else "succeeded, but gates missed: " + "; ".join(missed)
+            missed = [
+                f"{g.name}: {g.value:g} > limit {g.limit:g}" for g in report.gates if not g.passed
+            ]
+            message = (
+                "succeeded" if gates_passed else "succeeded, but gates missed: " + "; ".join(missed)
+            )
             _finish(
-                rt, job_id, token, status="succeeded", stage="done", progress=1.0,
-                report=report.model_dump(mode="json"), gates_passed=gates_passed,
-                artifacts=artifacts, message=message, event_message=message,
+                rt,
+                job_id,
+                token,
+                status="succeeded",
+                stage="done",
+                progress=1.0,
+                report=report.model_dump(mode="json"),
+                gates_passed=gates_passed,
+                artifacts=artifacts,
+                message=message,
+                event_message=message,
             )
             return "succeeded" if gates_passed else "succeeded (gates missed)"
     finally:
@@ -358,11 +426,18 @@ def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
             if job.status == "cancelling":
                 job.error_code, job.error_detail = "cancelled", "cancelled by the user"
                 job.finished_at, job.run_token = now, None
-                set_state(s, job, "cancelled", f"the worker stopped while cancelling (no heartbeat for {age:.0f} s)")
+                set_state(
+                    s,
+                    job,
+                    "cancelled",
+                    f"the worker stopped while cancelling (no heartbeat for {age:.0f} s)",
+                )
                 out["cancelled"].append(job.id)
             elif job.attempts >= job.max_attempts:
                 _fail(
-                    s, job, "worker_lost",
+                    s,
+                    job,
+                    "worker_lost",
                     f"the worker {job.worker} stopped sending heartbeats ({age:.0f} s) on attempt "
                     f"{job.attempts} of {job.max_attempts}; giving up. If this repeats the job may "
                     "be crashing its worker (e.g. out of memory): try a smaller batch size",
@@ -373,7 +448,9 @@ def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
                 job.run_token, job.worker = None, None
                 job.stage, job.progress, job.message = None, 0.0, None
                 set_state(
-                    s, job, "queued",
+                    s,
+                    job,
+                    "queued",
                     f"worker {lost} lost (no heartbeat for {age:.0f} s); re-queued after "
                     f"{job.attempts} of {job.max_attempts} attempts",
                 )

@@ -132,7 +132,10 @@ def _store(factory, storage: Storage, tenant_id: str, up: Upload) -> tuple[Datas
                         "required": ["file"],
                         "properties": {
                             "file": {"type": "string", "format": "binary"},
-                            "task": {"type": "string", "enum": ["classification", "language_modeling"]},
+                            "task": {
+                                "type": "string",
+                                "enum": ["classification", "language_modeling"],
+                            },
                             "image_size": {"type": "string", "example": "32,32"},
                             "grayscale": {"type": "boolean"},
                         },
@@ -195,7 +198,9 @@ def get_dataset(dataset_id: str, db: SessionDep, principal: PrincipalDep) -> Dat
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=error_responses(401, 404, 409, 429))
-def delete_dataset(dataset_id: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep) -> Response:
+def delete_dataset(
+    dataset_id: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep
+) -> Response:
     row = get_owned(db, principal.tenant_id, dataset_id)
     active = db.scalar(
         select(Job.id)

@@ -54,7 +54,9 @@ def _summary(d: dict) -> ModelSummary:  # type: ignore[type-arg]
 def _owned_input(db: Session, cls: type, tenant_id: str, ident: str, what: str, how: str):  # type: ignore[no-untyped-def]
     row = db.get(cls, ident)
     if row is None or row.tenant_id != tenant_id:
-        raise Unprocessable(f"{what} {ident!r} does not exist; {how}", code=f"unknown_{what.split('_')[0]}")
+        raise Unprocessable(
+            f"{what} {ident!r} does not exist; {how}", code=f"unknown_{what.split('_')[0]}"
+        )
     return row
 
 
@@ -83,7 +85,9 @@ def _check_shapes(model: ModelFile, dataset: DatasetFile, spec: JobCreate) -> No
 
 
 def _request_hash(spec: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()
 
 
 def _get_owned(db: Session, tenant_id: str, job_id: str) -> Job:
@@ -123,10 +127,21 @@ def create_job(
         if existing is not None:
             return _replay(existing, request_hash, response)
 
-    model = _owned_input(db, ModelFile, tenant, spec.model_id, "model_id", "upload it with POST /v1/models")
-    dataset = _owned_input(db, DatasetFile, tenant, spec.dataset_id, "dataset_id", "upload it with POST /v1/datasets")
+    model = _owned_input(
+        db, ModelFile, tenant, spec.model_id, "model_id", "upload it with POST /v1/models"
+    )
+    dataset = _owned_input(
+        db, DatasetFile, tenant, spec.dataset_id, "dataset_id", "upload it with POST /v1/datasets"
+    )
     if spec.eval_dataset_id:
-        _owned_input(db, DatasetFile, tenant, spec.eval_dataset_id, "eval_dataset_id", "upload it with POST /v1/datasets")
+        _owned_input(
+            db,
+            DatasetFile,
+            tenant,
+            spec.eval_dataset_id,
+            "eval_dataset_id",
+            "upload it with POST /v1/datasets",
+        )
     params = validate_params(spec.method.name, spec.method.params)  # BadSpec → 422
     check_applicable(spec.method.name, _summary(model.summary), spec.task)  # NotApplicable → 422
     ds_task = dataset.summary.get("task", "classification")
@@ -138,9 +153,14 @@ def create_job(
         )
     _check_shapes(model, dataset, spec)
 
-    active = db.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))
-    ) or 0
+    active = (
+        db.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))
+        )
+        or 0
+    )
     if active >= settings.max_active_jobs_per_tenant:
         raise TooManyRequests(
             f"you have {active} queued or running jobs (limit {settings.max_active_jobs_per_tenant}); "
@@ -207,7 +227,11 @@ def list_jobs(
         where.append(Job.status.in_(status))
     count = db.scalar(select(func.count()).select_from(Job).where(*where)) or 0
     rows = db.scalars(
-        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+        select(Job)
+        .where(*where)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit)
+        .offset(offset)
     )
     return JobsPublic(data=[to_public(j) for j in rows], count=count, limit=limit, offset=offset)
 
@@ -237,14 +261,21 @@ def cancel_job(job_id: str, db: SessionDep, principal: PrincipalDep) -> JobPubli
     elif job.status == "running":
         set_state(db, job, "cancelling", "cancellation requested")
     elif job.status in ("succeeded", "failed"):
-        raise Conflict(f"job {job.id} already {job.status}; there is nothing to cancel", code="job_finished")
+        raise Conflict(
+            f"job {job.id} already {job.status}; there is nothing to cancel", code="job_finished"
+        )
     return to_public(job)
 
 
-def _events_after(factory, job_id: str, after: int, limit: int = 500) -> tuple[list[JobEventPublic], str]:  # type: ignore[no-untyped-def]
+def _events_after(
+    factory, job_id: str, after: int, limit: int = 500
+) -> tuple[list[JobEventPublic], str]:  # type: ignore[no-untyped-def]
     with factory() as session:
         rows = session.scalars(
-            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(limit)
         ).all()
         status = session.scalar(select(Job.status).where(Job.id == job_id)) or "failed"
         return [JobEventPublic.model_validate(r) for r in rows], status
@@ -276,7 +307,9 @@ async def job_events(
     await run_in_threadpool(_check)
     if last_event_id and last_event_id.isdigit():
         after = max(after, int(last_event_id))
-    if "application/json" in request.headers.get("accept", "") and "text/event-stream" not in request.headers.get("accept", ""):
+    if "application/json" in request.headers.get(
+        "accept", ""
+    ) and "text/event-stream" not in request.headers.get("accept", ""):
         events, _ = await run_in_threadpool(_events_after, factory, job_id, after, 10_000)
         return JSONResponse([e.model_dump(mode="json") for e in events])
 
@@ -326,9 +359,12 @@ def job_report(job_id: str, db: SessionDep, principal: PrincipalDep) -> JSONResp
 @router.get(
     "/{job_id}/artifacts/{name}",
     summary="Download an artifact: model.onnx, report.json or report.md",
-    responses={200: {"content": {"application/octet-stream": {}}}} | error_responses(401, 404, 409, 429),
+    responses={200: {"content": {"application/octet-stream": {}}}}
+    | error_responses(401, 404, 409, 429),
 )
-def job_artifact(job_id: str, name: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep) -> Response:
+def job_artifact(
+    job_id: str, name: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep
+) -> Response:
     job = _get_owned(db, principal.tenant_id, job_id)
     if name not in ARTIFACT_NAMES:
         raise NotFound(f"no artifact {name!r}; artifacts are {', '.join(ARTIFACT_NAMES)}")

@@ -65,7 +65,9 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics", responses=error_responses(503))
+@router.get(
+    "/metrics", tags=["health"], summary="Prometheus metrics", responses=error_responses(503)
+)
 def metrics(request: Request) -> Response:
     with request.app.state.sessionmaker() as session:
         counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())

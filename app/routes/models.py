@@ -46,7 +46,9 @@ def _find(session: Session, tenant_id: str, sha256: str) -> ModelFile | None:
     )
 
 
-def _store(factory, storage: Storage, settings: Settings, tenant_id: str, up: Upload) -> tuple[ModelFile, bool]:  # type: ignore[no-untyped-def]
+def _store(
+    factory, storage: Storage, settings: Settings, tenant_id: str, up: Upload
+) -> tuple[ModelFile, bool]:  # type: ignore[no-untyped-def]
     with factory() as session:
         existing = _find(session, tenant_id, up.sha256)
         if existing is not None:
@@ -113,7 +115,9 @@ async def upload_model(
     )
     try:
         UPLOAD_BYTES.labels(kind="model").inc(up.size)
-        row, created = await run_in_threadpool(_store, factory, storage, settings, principal.tenant_id, up)
+        row, created = await run_in_threadpool(
+            _store, factory, storage, settings, principal.tenant_id, up
+        )
     finally:
         up.cleanup()
     response.status_code = 201 if created else 200
@@ -131,7 +135,11 @@ def list_models(
     where = ModelFile.tenant_id == principal.tenant_id
     count = db.scalar(select(func.count()).select_from(ModelFile).where(where)) or 0
     rows = db.scalars(
-        select(ModelFile).where(where).order_by(ModelFile.created_at.desc(), ModelFile.id).limit(limit).offset(offset)
+        select(ModelFile)
+        .where(where)
+        .order_by(ModelFile.created_at.desc(), ModelFile.id)
+        .limit(limit)
+        .offset(offset)
     )
     return ModelsPublic(data=[to_public(r) for r in rows], count=count)
 
@@ -149,7 +157,9 @@ def get_model(model_id: str, db: SessionDep, principal: PrincipalDep) -> ModelPu
 
 
 @router.delete("/{model_id}", status_code=204, responses=error_responses(401, 404, 409, 429))
-def delete_model(model_id: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep) -> Response:
+def delete_model(
+    model_id: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep
+) -> Response:
     row = get_owned(db, principal.tenant_id, model_id)
     active = db.scalar(
         select(Job.id).where(Job.model_id == row.id, Job.status.in_(ACTIVE)).limit(1)

@@ -31,7 +31,10 @@ def upgrade() -> None:
         "api_keys",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column(
-            "tenant_id", sa.String(32), sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+            "tenant_id",
+            sa.String(32),
+            sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+            nullable=False,
         ),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
@@ -42,12 +45,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_api_keys_tenant_id", "api_keys", ["tenant_id"])
 
-    for table, prefix_cols in (("models", []), ("datasets", [sa.Column("format", sa.String(16), nullable=False)])):
+    for table, prefix_cols in (
+        ("models", []),
+        ("datasets", [sa.Column("format", sa.String(16), nullable=False)]),
+    ):
         op.create_table(
             table,
             sa.Column("id", sa.String(32), primary_key=True),
             sa.Column(
-                "tenant_id", sa.String(32), sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+                "tenant_id",
+                sa.String(32),
+                sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+                nullable=False,
             ),
             sa.Column("filename", sa.String(255), nullable=False),
             *prefix_cols,
@@ -64,12 +73,28 @@ def upgrade() -> None:
         "jobs",
         sa.Column("id", sa.String(32), primary_key=True),
         sa.Column(
-            "tenant_id", sa.String(32), sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+            "tenant_id",
+            sa.String(32),
+            sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+            nullable=False,
         ),
-        sa.Column("model_id", sa.String(32), sa.ForeignKey("models.id", ondelete="SET NULL"), nullable=True),
-        sa.Column("dataset_id", sa.String(32), sa.ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True),
         sa.Column(
-            "eval_dataset_id", sa.String(32), sa.ForeignKey("datasets.id", ondelete="SET NULL"), nullable=True
+            "model_id",
+            sa.String(32),
+            sa.ForeignKey("models.id", ondelete="SET NULL"),
+            nullable=True,
+        ),
+        sa.Column(
+            "dataset_id",
+            sa.String(32),
+            sa.ForeignKey("datasets.id", ondelete="SET NULL"),
+            nullable=True,
+        ),
+        sa.Column(
+            "eval_dataset_id",
+            sa.String(32),
+            sa.ForeignKey("datasets.id", ondelete="SET NULL"),
+            nullable=True,
         ),
         sa.Column("spec", JSON, nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
@@ -113,7 +138,9 @@ def upgrade() -> None:
             primary_key=True,
             autoincrement=True,
         ),
-        sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+        sa.Column(
+            "job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False
+        ),
         sa.Column("at", TS, nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("status", sa.String(16), nullable=True),

@@ -173,7 +173,9 @@ class Job(_Resource):
     def events(self, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
         return self.client.jobs.events(self.id, follow=follow, after=after)
 
-    def download(self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS) -> dict[str, Path]:
+    def download(
+        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+    ) -> dict[str, Path]:
         return self.client.jobs.download(self.id, directory, names)
 
     def gate_failures(self) -> list[str]:
@@ -278,11 +280,16 @@ class Models(_Namespace):
         return self.resource.model_validate(body)._bind(self._client)
 
     def get(self, ident: str) -> Any:
-        return self.resource.model_validate(self._client.request("GET", f"{self.path}/{ident}"))._bind(self._client)
+        return self.resource.model_validate(
+            self._client.request("GET", f"{self.path}/{ident}")
+        )._bind(self._client)
 
     def list(self, limit: int = 50, offset: int = 0) -> Page:
         body = self._client.request("GET", self.path, params={"limit": limit, "offset": offset})
-        return Page(data=[self.resource.model_validate(d)._bind(self._client) for d in body["data"]], count=body["count"])
+        return Page(
+            data=[self.resource.model_validate(d)._bind(self._client) for d in body["data"]],
+            count=body["count"],
+        )
 
     def delete(self, ident: str) -> None:
         self._client.request("DELETE", f"{self.path}/{ident}")
@@ -292,8 +299,13 @@ class Datasets(Models):
     path = "/v1/datasets"
     resource = Dataset
 
-    def upload(self, path: str | os.PathLike[str], task: str | None = None,  # type: ignore[override]
-               image_size: tuple[int, int] | None = None, grayscale: bool | None = None) -> Dataset:
+    def upload(
+        self,
+        path: str | os.PathLike[str],
+        task: str | None = None,  # type: ignore[override]
+        image_size: tuple[int, int] | None = None,
+        grayscale: bool | None = None,
+    ) -> Dataset:
         fields: dict[str, Any] = {"task": task}
         if image_size:
             fields["image_size"] = f"{image_size[0]},{image_size[1]}"
@@ -304,27 +316,38 @@ class Datasets(Models):
 
 class Methods(_Namespace):
     def list(self) -> list[Method]:
-        return [Method.model_validate(m) for m in self._client.request("GET", "/v1/methods")["data"]]
+        return [
+            Method.model_validate(m) for m in self._client.request("GET", "/v1/methods")["data"]
+        ]
 
 
 class Jobs(_Namespace):
     def create(self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None) -> Job:
         """Submit a job. An Idempotency-Key is always sent (a fresh one unless given), so a
         retried submission never creates a second job."""
-        body = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+        body = (
+            spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+        )
         key = idempotency_key or str(uuid.uuid4())
-        job = self._client.request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, idempotent=True)
+        job = self._client.request(
+            "POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, idempotent=True
+        )
         return Job.model_validate(job)._bind(self._client)  # type: ignore[return-value]
 
     def get(self, job_id: str) -> Job:
-        return Job.model_validate(self._client.request("GET", f"/v1/jobs/{job_id}"))._bind(self._client)  # type: ignore[return-value]
+        return Job.model_validate(self._client.request("GET", f"/v1/jobs/{job_id}"))._bind(
+            self._client
+        )  # type: ignore[return-value]
 
     def list(self, status: str | list[str] | None = None, limit: int = 50, offset: int = 0) -> Page:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = [status] if isinstance(status, str) else status
         body = self._client.request("GET", "/v1/jobs", params=params)
-        return Page(data=[Job.model_validate(d)._bind(self._client) for d in body["data"]], count=body["count"])
+        return Page(
+            data=[Job.model_validate(d)._bind(self._client) for d in body["data"]],
+            count=body["count"],
+        )
 
     def cancel(self, job_id: str) -> Job:
         # Cancelling twice is harmless, so the call is retried like a GET.
@@ -337,13 +360,19 @@ class Jobs(_Namespace):
     def events(self, job_id: str, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
         if not follow:
             body = self._client.request(
-                "GET", f"/v1/jobs/{job_id}/events", params={"after": after},
+                "GET",
+                f"/v1/jobs/{job_id}/events",
+                params={"after": after},
                 headers={"Accept": "application/json"},
             )
             yield from (JobEvent.model_validate(e) for e in body)
             return
-        with self._client.stream("GET", f"/v1/jobs/{job_id}/events", params={"after": after},
-                                 headers={"Accept": "text/event-stream"}) as response:
+        with self._client.stream(
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            params={"after": after},
+            headers={"Accept": "text/event-stream"},
+        ) as response:
             kind, data = None, []
             for line in response.iter_lines():
                 if line == "":
@@ -357,7 +386,9 @@ class Jobs(_Namespace):
                 elif line.startswith("data:"):
                     data.append(line[5:].strip())
 
-    def download(self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS) -> dict[str, Path]:
+    def download(
+        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+    ) -> dict[str, Path]:
         """Stream artifacts into `directory` (written to a temp name, then renamed)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -389,9 +420,13 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         creds: dict[str, str] = {}
-        if not (base_url or os.environ.get("PRUNERY_URL")) or not (api_key or os.environ.get("PRUNERY_API_KEY")):
+        if not (base_url or os.environ.get("PRUNERY_URL")) or not (
+            api_key or os.environ.get("PRUNERY_API_KEY")
+        ):
             creds = load_credentials()
-        self.base_url = (base_url or os.environ.get("PRUNERY_URL") or creds.get("url") or "").rstrip("/")
+        self.base_url = (
+            base_url or os.environ.get("PRUNERY_URL") or creds.get("url") or ""
+        ).rstrip("/")
         api_key = api_key or os.environ.get("PRUNERY_API_KEY") or creds.get("api_key")
         if not self.base_url:
             raise ConfigError(
@@ -429,8 +464,16 @@ class Client:
         # Exponential backoff with full jitter.
         return random.uniform(0, min(30.0, self.backoff * 2**attempt))
 
-    def _send(self, method: str, path: str, *, idempotent: bool | None, stream: bool = False,
-              files: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None,
+        stream: bool = False,
+        files: Callable[[], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         if idempotent is None:
             idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
         attempt = 0
@@ -470,7 +513,9 @@ class Client:
             code, detail = "http_error", response.text[:500] or response.reason_phrase
         return error_for(response.status_code, str(code), str(detail), response)
 
-    def request(self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any) -> Any:
+    def request(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> Any:
         response = self._send(method, path, idempotent=idempotent, **kwargs)
         if response.status_code == 204 or not response.content:
             return None
@@ -486,7 +531,9 @@ class _Stream:
         self.response: httpx.Response | None = None
 
     def __enter__(self) -> httpx.Response:
-        self.response = self.client._send(self.method, self.path, idempotent=True, stream=True, **self.kwargs)
+        self.response = self.client._send(
+            self.method, self.path, idempotent=True, stream=True, **self.kwargs
+        )
         return self.response
 
     def __exit__(self, *exc: Any) -> None:

@@ -76,8 +76,17 @@ class ConnectionFailed(PruneryError):
 _BY_STATUS: dict[int, type[APIError]] = {
     cls.status: cls
     for cls in (
-        BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, UnsupportedMediaType,
-        ValidationError, RateLimited, ServerError, ServiceUnavailable, GatewayTimeout,
+        BadRequest,
+        Unauthorized,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        ValidationError,
+        RateLimited,
+        ServerError,
+        ServiceUnavailable,
+        GatewayTimeout,
     )
 }
 
@@ -107,7 +116,9 @@ class GateMissed(PruneryError):
     """The job succeeded but a gate (e.g. max_accuracy_drop) was missed."""
 
     def __init__(self, job: Job, failures: list[str]) -> None:
-        super().__init__(f"job {job.id} missed its gates: {'; '.join(failures) or 'see the report'}")
+        super().__init__(
+            f"job {job.id} missed its gates: {'; '.join(failures) or 'see the report'}"
+        )
         self.job, self.failures = job, failures
 
 

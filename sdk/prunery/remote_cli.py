@@ -17,40 +17,70 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_GATE_MISSED, EXIT_CANCELLED, EXIT_TIMEOUT = 0, 2, 3, 4, 5, 6
+EXIT_OK, EXIT_BAD_INPUT, EXIT_JOB_FAILED, EXIT_GATE_MISSED, EXIT_CANCELLED, EXIT_TIMEOUT = (
+    0,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prunery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", help="server URL (default: PRUNERY_URL, or the one `prunery serve` wrote)")
-    p.add_argument("--api-key", help="API key (default: PRUNERY_API_KEY, or the one `prunery serve` wrote)")
+    p = argparse.ArgumentParser(
+        prog="prunery", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--url", help="server URL (default: PRUNERY_URL, or the one `prunery serve` wrote)"
+    )
+    p.add_argument(
+        "--api-key", help="API key (default: PRUNERY_API_KEY, or the one `prunery serve` wrote)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
-    s = sub.add_parser("submit", parents=[common], help="upload a model and dataset and submit a job")
+    s = sub.add_parser(
+        "submit", parents=[common], help="upload a model and dataset and submit a job"
+    )
     s.add_argument("model", help="an .onnx file, or the id of an uploaded model (mdl_...)")
-    s.add_argument("--data", required=True, help="an .npz / .zip / .tar(.gz) file, or a dataset id (ds_...)")
+    s.add_argument(
+        "--data", required=True, help="an .npz / .zip / .tar(.gz) file, or a dataset id (ds_...)"
+    )
     s.add_argument("--eval-data", help="a separate evaluation dataset (file or id)")
     s.add_argument("--method", required=True, help="a method name (see `prunery methods`)")
-    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="method parameter (VALUE parsed as JSON when it can be); repeatable")
+    s.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method parameter (VALUE parsed as JSON when it can be); repeatable",
+    )
     target = s.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="fraction of the MACs to keep, e.g. 0.5")
     target.add_argument("--target-params", type=float, help="fraction of the parameters to keep")
-    s.add_argument("--task", default="classification", choices=["classification", "language_modeling"])
+    s.add_argument(
+        "--task", default="classification", choices=["classification", "language_modeling"]
+    )
     s.add_argument("--epochs", type=int, help="recovery epochs")
     s.add_argument("--recovery", choices=["finetune", "scratch", "none"], help="recovery mode")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--seed", type=int)
-    s.add_argument("--max-accuracy-drop", type=float, help="gate: largest allowed top-1 drop (points)")
+    s.add_argument(
+        "--max-accuracy-drop", type=float, help="gate: largest allowed top-1 drop (points)"
+    )
     s.add_argument("--wait", action="store_true", help="wait for the job and exit by its outcome")
     s.add_argument("--out", help="with --wait: download the artifacts into this directory")
     s.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
 
-    for name, text in (("status", "show a job"), ("cancel", "cancel a job"), ("report", "print a job's report")):
+    for name, text in (
+        ("status", "show a job"),
+        ("cancel", "cancel a job"),
+        ("report", "print a job's report"),
+    ):
         c = sub.add_parser(name, parents=[common], help=text)
         c.add_argument("job")
     w = sub.add_parser("wait", parents=[common], help="wait for a job and exit by its outcome")
@@ -67,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--status", action="append")
     j.add_argument("--limit", type=int, default=20)
     sub.add_parser("methods", parents=[common], help="list pruning methods")
-    sub.add_parser("serve", add_help=False, help="run the embedded server (API + worker); `prunery serve --help`")
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="run the embedded server (API + worker); `prunery serve --help`",
+    )
     return p
 
 
@@ -90,26 +124,42 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
 
 def format_report(report: Any) -> str:
     """A short human summary of a prunery.report.Report."""
-    lines = [f"method {report.method.get('name')}  target {report.target.kind} "
-             f"{report.target.requested} → achieved {report.target.achieved:.3f} "
-             f"({'met' if report.target.met else 'NOT met'})"]
+    lines = [
+        f"method {report.method.get('name')}  target {report.target.kind} "
+        f"{report.target.requested} → achieved {report.target.achieved:.3f} "
+        f"({'met' if report.target.met else 'NOT met'})"
+    ]
     if report.accuracy:
         a = report.accuracy
-        lines.append(f"accuracy  {a.before * 100:.2f}% → {a.after * 100:.2f}%  (drop {a.drop:.2f} points, {a.samples} samples)")
-    lines.append(f"MACs      {report.macs.before:,.0f} → {report.macs.after:,.0f}  ({report.macs.ratio:.3f}×)")
-    lines.append(f"params    {report.params.before:,.0f} → {report.params.after:,.0f}  ({report.params.ratio:.3f}×)")
-    lines.append(f"file      {report.file_bytes.before:,.0f} → {report.file_bytes.after:,.0f} bytes")
+        lines.append(
+            f"accuracy  {a.before * 100:.2f}% → {a.after * 100:.2f}%  (drop {a.drop:.2f} points, {a.samples} samples)"
+        )
+    lines.append(
+        f"MACs      {report.macs.before:,.0f} → {report.macs.after:,.0f}  ({report.macs.ratio:.3f}×)"
+    )
+    lines.append(
+        f"params    {report.params.before:,.0f} → {report.params.after:,.0f}  ({report.params.ratio:.3f}×)"
+    )
+    lines.append(
+        f"file      {report.file_bytes.before:,.0f} → {report.file_bytes.after:,.0f} bytes"
+    )
     for lat in report.latency_ms:
-        lines.append(f"latency   batch {lat.batch_size}: {lat.before:.3f} → {lat.after:.3f} ms median (speedup {lat.speedup:.2f}×)")
+        lines.append(
+            f"latency   batch {lat.batch_size}: {lat.before:.3f} → {lat.after:.3f} ms median (speedup {lat.speedup:.2f}×)"
+        )
     for g in report.gates:
-        lines.append(f"gate      {g.name}: {g.value:g} (limit {g.limit:g}) {'passed' if g.passed else 'MISSED'}")
+        lines.append(
+            f"gate      {g.name}: {g.value:g} (limit {g.limit:g}) {'passed' if g.passed else 'MISSED'}"
+        )
     lines.append(f"device    {report.device}")
     return "\n".join(lines)
 
 
 def _job_line(job: Any) -> str:
     err = f"  {job.error.error}: {job.error.detail}" if job.error else ""
-    gates = "" if job.gates_passed is None else f"  gates {'passed' if job.gates_passed else 'MISSED'}"
+    gates = (
+        "" if job.gates_passed is None else f"  gates {'passed' if job.gates_passed else 'MISSED'}"
+    )
     return f"{job.id}  {job.status}  {job.stage or '-'}  {job.progress * 100:.0f}%{gates}{err}"
 
 
@@ -157,10 +207,19 @@ def _submit(client: Any, args: argparse.Namespace) -> int:
 
     model_id = _resolve_upload(client, client.models, args.model, "mdl_")
     data_id = _resolve_upload(client, client.datasets, args.data, "ds_", task=args.task)
-    eval_id = _resolve_upload(client, client.datasets, args.eval_data, "ds_", task=args.task) if args.eval_data else None
+    eval_id = (
+        _resolve_upload(client, client.datasets, args.eval_data, "ds_", task=args.task)
+        if args.eval_data
+        else None
+    )
     params = dict(_parse_param(p) for p in args.param)
     recovery: dict[str, Any] = {}
-    for key, value in (("epochs", args.epochs), ("mode", args.recovery), ("lr", args.lr), ("batch_size", args.batch_size)):
+    for key, value in (
+        ("epochs", args.epochs),
+        ("mode", args.recovery),
+        ("lr", args.lr),
+        ("batch_size", args.batch_size),
+    ):
         if value is not None:
             recovery[key] = value
     spec: dict[str, Any] = {
@@ -168,7 +227,9 @@ def _submit(client: Any, args: argparse.Namespace) -> int:
         "dataset_id": data_id,
         "task": args.task,
         "method": {"name": args.method, "params": params},
-        "target": {"flops": args.target_flops} if args.target_flops is not None else {"params": args.target_params},
+        "target": {"flops": args.target_flops}
+        if args.target_flops is not None
+        else {"params": args.target_params},
         "recovery": recovery,
     }
     if eval_id:
@@ -180,7 +241,11 @@ def _submit(client: Any, args: argparse.Namespace) -> int:
     JobSpec.model_validate(spec)  # fail fast, before the server does
     job = client.jobs.create(spec)
     if not args.wait:
-        _print(job.model_dump(mode="json"), args.json, f"submitted {job.id} ({job.status}); follow it with `prunery wait {job.id}`")
+        _print(
+            job.model_dump(mode="json"),
+            args.json,
+            f"submitted {job.id} ({job.status}); follow it with `prunery wait {job.id}`",
+        )
         return EXIT_OK
     if not args.json:
         print(f"submitted {job.id}", file=sys.stderr)
@@ -196,13 +261,19 @@ def _run(args: argparse.Namespace) -> int:
             return _submit(client, args)
         if args.command == "methods":
             methods = client.methods.list()
-            _print([m.model_dump() for m in methods], args.json,
-                   "\n".join(f"{m.name:16s} {m.summary}\n{'':16s} {m.paper}" for m in methods))
+            _print(
+                [m.model_dump() for m in methods],
+                args.json,
+                "\n".join(f"{m.name:16s} {m.summary}\n{'':16s} {m.paper}" for m in methods),
+            )
             return EXIT_OK
         if args.command == "jobs":
             page = client.jobs.list(status=args.status, limit=args.limit)
-            _print({"data": [j.model_dump(mode="json") for j in page.data], "count": page.count}, args.json,
-                   "\n".join(_job_line(j) for j in page.data) or "no jobs")
+            _print(
+                {"data": [j.model_dump(mode="json") for j in page.data], "count": page.count},
+                args.json,
+                "\n".join(_job_line(j) for j in page.data) or "no jobs",
+            )
             return EXIT_OK
         job = client.jobs.get(args.job)
         if args.command == "status":
@@ -220,13 +291,20 @@ def _run(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.command == "download":
             paths = job.download(args.out)
-            _print({k: str(v) for k, v in paths.items()}, args.json, "\n".join(str(p) for p in paths.values()))
+            _print(
+                {k: str(v) for k, v in paths.items()},
+                args.json,
+                "\n".join(str(p) for p in paths.values()),
+            )
             return EXIT_OK
         if args.command == "events":
             for ev in job.events(follow=args.follow):
-                _print(ev.model_dump(mode="json"), args.json,
-                       f"{ev.at:%H:%M:%S} {ev.kind:8s} {ev.status or '':10s} {ev.stage or '':8s} "
-                       f"{(ev.progress or 0) * 100:5.1f}% {ev.message or ''}")
+                _print(
+                    ev.model_dump(mode="json"),
+                    args.json,
+                    f"{ev.at:%H:%M:%S} {ev.kind:8s} {ev.status or '':10s} {ev.stage or '':8s} "
+                    f"{(ev.progress or 0) * 100:5.1f}% {ev.message or ''}",
+                )
             return EXIT_OK
     raise AssertionError(args.command)
 
@@ -237,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from app.serve import main as serve_main
         except ImportError as exc:
-            print(f"prunery serve needs the server extras (pip install 'prunery-server[worker]'): {exc}", file=sys.stderr)
+            print(
+                f"prunery serve needs the server extras (pip install 'prunery-server[worker]'): {exc}",
+                file=sys.stderr,
+            )
             return EXIT_BAD_INPUT
         return serve_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -247,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except (APIError, ConfigError, ConnectionFailed, FileNotFoundError, ValueError) as exc:
         if getattr(args, "json", False):
-            body = {"error": getattr(exc, "code", type(exc).__name__), "detail": getattr(exc, "detail", str(exc))}
+            body = {
+                "error": getattr(exc, "code", type(exc).__name__),
+                "detail": getattr(exc, "detail", str(exc)),
+            }
             print(json.dumps(body))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

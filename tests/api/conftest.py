@@ -99,14 +99,25 @@ def onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    )
     path = tmp_path_factory.mktemp("onnx") / "net.onnx"
-    torch.onnx.export(model, torch.zeros(1, 1, 8, 8), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        torch.zeros(1, 1, 8, 8),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "batch"}},
+    )
     return path.read_bytes()
 
 
-def npz_bytes(n_train: int = 40, n_test: int = 10, shape: tuple[int, ...] = (1, 8, 8), seed: int = 0) -> bytes:
+def npz_bytes(
+    n_train: int = 40, n_test: int = 10, shape: tuple[int, ...] = (1, 8, 8), seed: int = 0
+) -> bytes:
     import io
 
     rng = np.random.default_rng(seed)

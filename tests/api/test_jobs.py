@@ -12,7 +12,6 @@ from conftest import REDIS_DB, job_spec
 
 def _queue_messages(client) -> list[dict]:
     import redis
-
     import servicekit
 
     r = redis.Redis.from_url(servicekit.redis_url(REDIS_DB))
@@ -22,7 +21,11 @@ def _queue_messages(client) -> list[dict]:
 
 def test_create_job_is_202_with_location_and_enqueued_by_id(client, uploaded):
     before = len(_queue_messages(client))
-    r = client.post("/v1/jobs", headers=uploaded["headers"], json=job_spec(uploaded["model_id"], uploaded["dataset_id"]))
+    r = client.post(
+        "/v1/jobs",
+        headers=uploaded["headers"],
+        json=job_spec(uploaded["model_id"], uploaded["dataset_id"]),
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
@@ -64,7 +67,12 @@ def test_idempotency_key_makes_retries_safe(client, uploaded):
     ("change", "status", "code", "fragment"),
     [
         ({"method": {"name": "nope"}}, 422, "bad_spec", "known methods: "),
-        ({"method": {"name": "l1_norm", "params": {"allocation": "sideways"}}}, 422, "bad_spec", "allocation"),
+        (
+            {"method": {"name": "l1_norm", "params": {"allocation": "sideways"}}},
+            422,
+            "bad_spec",
+            "allocation",
+        ),
         ({"method": {"name": "l1_norm", "params": {"bogus": 1}}}, 422, "bad_spec", "bogus"),
         ({"target": {"flops": 0.5, "params": 0.5}}, 422, "validation_error", "exactly one"),
         ({"target": {"flops": 1.5}}, 422, "validation_error", "target.flops"),
@@ -88,14 +96,20 @@ def test_shape_mismatch_is_422(client, uploaded):
     from conftest import npz_bytes
 
     h = uploaded["headers"]
-    ds = client.post("/v1/datasets", headers=h, files={"file": ("big.npz", npz_bytes(shape=(3, 16, 16)))}).json()
+    ds = client.post(
+        "/v1/datasets", headers=h, files={"file": ("big.npz", npz_bytes(shape=(3, 16, 16)))}
+    ).json()
     r = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], ds["id"]))
     assert r.status_code == 422
     assert r.json()["error"] == "shape_mismatch"
 
 
 def test_malformed_json_is_400(client, uploaded):
-    r = client.post("/v1/jobs", headers={**uploaded["headers"], "Content-Type": "application/json"}, content=b"{not json")
+    r = client.post(
+        "/v1/jobs",
+        headers={**uploaded["headers"], "Content-Type": "application/json"},
+        content=b"{not json",
+    )
     assert r.status_code == 400
     assert r.json()["error"] == "bad_json"
 
@@ -112,7 +126,9 @@ def test_list_filters_and_paginates(client, uploaded):
     assert [j["id"] for j in rest["data"]] == ids[::-1][2:]
     queued = client.get("/v1/jobs", headers=h, params={"status": "queued"}).json()
     assert queued["count"] == 4 and all(j["status"] == "queued" for j in queued["data"])
-    both = client.get("/v1/jobs", headers=h, params=[("status", "queued"), ("status", "cancelled")]).json()
+    both = client.get(
+        "/v1/jobs", headers=h, params=[("status", "queued"), ("status", "cancelled")]
+    ).json()
     assert both["count"] == 5
     bad = client.get("/v1/jobs", headers=h, params={"status": "sleeping"})
     assert bad.status_code == 422 and bad.json()["error"] == "validation_error"
@@ -121,16 +137,28 @@ def test_list_filters_and_paginates(client, uploaded):
 
 def test_cancel_queued_job_and_follow_its_events(client, uploaded):
     h = uploaded["headers"]
-    job = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])).json()
+    job = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    ).json()
     r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=h)
     assert r.status_code == 202
     assert r.json()["status"] == "cancelled"
     assert r.json()["error"] == {"error": "cancelled", "detail": "cancelled by the user"}
-    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=h).json()["status"] == "cancelled"  # no-op
-    events = client.get(f"/v1/jobs/{job['id']}/events", headers={**h, "Accept": "application/json"}).json()
-    assert [(e["kind"], e["status"]) for e in events] == [("state", "queued"), ("state", "cancelled")]
-    after = client.get(f"/v1/jobs/{job['id']}/events", headers={**h, "Accept": "application/json"},
-                       params={"after": events[0]["id"]}).json()
+    assert (
+        client.post(f"/v1/jobs/{job['id']}/cancel", headers=h).json()["status"] == "cancelled"
+    )  # no-op
+    events = client.get(
+        f"/v1/jobs/{job['id']}/events", headers={**h, "Accept": "application/json"}
+    ).json()
+    assert [(e["kind"], e["status"]) for e in events] == [
+        ("state", "queued"),
+        ("state", "cancelled"),
+    ]
+    after = client.get(
+        f"/v1/jobs/{job['id']}/events",
+        headers={**h, "Accept": "application/json"},
+        params={"after": events[0]["id"]},
+    ).json()
     assert [e["id"] for e in after] == [events[1]["id"]]
     with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=h) as s:
         assert s.headers["content-type"].startswith("text/event-stream")
@@ -138,13 +166,17 @@ def test_cancel_queued_job_and_follow_its_events(client, uploaded):
     assert f"id: {events[0]['id']}\nevent: state\n" in text
     assert text.rstrip().endswith('event: end\ndata: {"status": "cancelled"}')
     # Last-Event-ID resumes after the given event.
-    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers={**h, "Last-Event-ID": str(events[1]["id"])}) as s:
+    with client.stream(
+        "GET", f"/v1/jobs/{job['id']}/events", headers={**h, "Last-Event-ID": str(events[1]["id"])}
+    ) as s:
         assert "event: state" not in s.read().decode()
 
 
 def test_report_and_artifacts_before_success(client, uploaded):
     h = uploaded["headers"]
-    job = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])).json()
+    job = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    ).json()
     r = client.get(f"/v1/jobs/{job['id']}/report", headers=h)
     assert r.status_code == 409 and r.json()["error"] == "report_not_ready"
     r = client.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx", headers=h)
@@ -158,7 +190,9 @@ def test_cancel_finished_job_is_409(client, uploaded):
     from app.models import Job
 
     h = uploaded["headers"]
-    job = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])).json()
+    job = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    ).json()
     with transaction(client.app.state.sessionmaker) as s:
         s.get(Job, job["id"]).status = "failed"
     r = client.post(f"/v1/jobs/{job['id']}/cancel", headers=h)
@@ -187,4 +221,8 @@ def test_rate_limit_is_429_with_retry_after(make_client, new_tenant):
     assert codes[:10] == [200] * 10
     assert 429 in codes[10:]
     r = c.get("/v1/jobs", headers=h)
-    assert r.status_code == 429 and r.json()["error"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
+    assert (
+        r.status_code == 429
+        and r.json()["error"] == "rate_limited"
+        and int(r.headers["retry-after"]) >= 1
+    )

@@ -7,7 +7,6 @@ import sys
 
 import httpx
 import pytest
-
 import servicekit
 
 
@@ -64,7 +63,9 @@ def test_openapi_documents_errors_and_operation_ids(client):
     create = spec["paths"]["/v1/jobs"]["post"]
     assert create["operationId"] == "jobs-create_job"
     for status in ("400", "401", "409", "422", "429"):
-        assert create["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+        assert create["responses"][status]["content"]["application/json"]["schema"][
+            "$ref"
+        ].endswith("/ErrorBody")
     upload = spec["paths"]["/v1/models"]["post"]
     assert {"413", "415"} <= set(upload["responses"])
     assert "multipart/form-data" in upload["requestBody"]["content"]
@@ -82,7 +83,9 @@ def test_api_imports_neither_torch_nor_the_engine():
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=servicekit.REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=servicekit.REPO
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -94,7 +97,9 @@ def test_sdk_imports_only_httpx_and_pydantic():
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=servicekit.REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=servicekit.REPO
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -108,7 +113,9 @@ class _Flaky(httpx.BaseTransport):
         self.calls.append((request.method, request.url.path))
         if self.statuses:
             status = self.statuses.pop(0)
-            return httpx.Response(status, json={"error": "busy", "detail": "try later"}, headers={"Retry-After": "0"})
+            return httpx.Response(
+                status, json={"error": "busy", "detail": "try later"}, headers={"Retry-After": "0"}
+            )
         return self.inner.handle_request(request)
 
 
@@ -117,8 +124,12 @@ def test_sdk_retries_idempotent_calls_on_429_503_504(client, uploaded):
 
     flaky = _Flaky(client._transport, [429, 503, 504])
     sdk = Client("http://testserver", uploaded["key"], transport=flaky, backoff=0.01)
-    spec = {"model_id": uploaded["model_id"], "dataset_id": uploaded["dataset_id"],
-            "method": {"name": "l1_norm"}, "target": {"flops": 0.5}}
+    spec = {
+        "model_id": uploaded["model_id"],
+        "dataset_id": uploaded["dataset_id"],
+        "method": {"name": "l1_norm"},
+        "target": {"flops": 0.5},
+    }
     job = sdk.jobs.create(spec)  # sent with an Idempotency-Key, so it may be retried
     assert job.status == "queued"
     assert [c for c in flaky.calls if c[0] == "POST"] == [("POST", "/v1/jobs")] * 4
@@ -136,12 +147,23 @@ def test_sdk_raises_typed_errors(client, uploaded):
         sdk.jobs.get("job_missing")
     assert nf.value.status == 404 and nf.value.code == "not_found"
     with pytest.raises(e.ValidationError) as ve:
-        sdk.jobs.create({"model_id": uploaded["model_id"], "dataset_id": uploaded["dataset_id"],
-                         "method": {"name": "nope"}, "target": {"flops": 0.5}})
+        sdk.jobs.create(
+            {
+                "model_id": uploaded["model_id"],
+                "dataset_id": uploaded["dataset_id"],
+                "method": {"name": "nope"},
+                "target": {"flops": 0.5},
+            }
+        )
     assert ve.value.code == "bad_spec"
     with pytest.raises(e.Unauthorized):
         Client("http://testserver", "pk_bad", transport=client._transport).jobs.list()
-    sdk429 = Client("http://testserver", uploaded["key"], transport=_Flaky(client._transport, [429] * 5),
-                    max_retries=2, backoff=0.01)
+    sdk429 = Client(
+        "http://testserver",
+        uploaded["key"],
+        transport=_Flaky(client._transport, [429] * 5),
+        max_retries=2,
+        backoff=0.01,
+    )
     with pytest.raises(e.RateLimited):
         sdk429.jobs.list()

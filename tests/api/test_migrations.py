@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 import servicekit
 
 
@@ -25,7 +24,15 @@ def test_upgrade_matches_the_orm_and_downgrades(scratch_settings):
     engine = create_engine(scratch_settings.database_url)
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
-        assert {"tenants", "api_keys", "models", "datasets", "jobs", "job_events", "alembic_version"} <= tables
+        assert {
+            "tenants",
+            "api_keys",
+            "models",
+            "datasets",
+            "jobs",
+            "job_events",
+            "alembic_version",
+        } <= tables
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         assert diff == [], diff
     downgrade(scratch_settings, "base")

@@ -11,7 +11,9 @@ from conftest import job_spec, npz_bytes
 
 
 def test_model_upload_describes_the_graph(client, tenant, onnx_bytes):
-    r = client.post("/v1/models", headers=tenant["headers"], files={"file": ("net.onnx", onnx_bytes)})
+    r = client.post(
+        "/v1/models", headers=tenant["headers"], files={"file": ("net.onnx", onnx_bytes)}
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert r.headers["location"] == f"/v1/models/{body['id']}"
@@ -52,7 +54,11 @@ def test_model_get_list_delete(client, tenant, onnx_bytes):
 
 
 def test_invalid_onnx_is_422_with_a_fix(client, tenant):
-    r = client.post("/v1/models", headers=tenant["headers"], files={"file": ("x.onnx", b"not a protobuf at all" * 10)})
+    r = client.post(
+        "/v1/models",
+        headers=tenant["headers"],
+        files={"file": ("x.onnx", b"not a protobuf at all" * 10)},
+    )
     assert r.status_code == 422
     assert r.json()["error"] == "bad_model"
     assert "re-export" in r.json()["detail"]
@@ -63,8 +69,11 @@ def test_invalid_onnx_is_422_with_a_fix(client, tenant):
 
 
 def test_upload_must_be_multipart(client, tenant, onnx_bytes):
-    r = client.post("/v1/models", headers={**tenant["headers"], "Content-Type": "application/octet-stream"},
-                    content=onnx_bytes)
+    r = client.post(
+        "/v1/models",
+        headers={**tenant["headers"], "Content-Type": "application/octet-stream"},
+        content=onnx_bytes,
+    )
     assert r.status_code == 415
     assert r.json()["error"] == "unsupported_media_type"
 
@@ -78,7 +87,9 @@ def test_upload_without_file_part_is_400(client, tenant):
 def test_oversized_upload_is_413_by_content_length(make_client, new_tenant):
     small = make_client(max_model_bytes=100_000)
     t = new_tenant()
-    r = small.post("/v1/models", headers=t["headers"], files={"file": ("big.onnx", b"\0" * 300_000)})
+    r = small.post(
+        "/v1/models", headers=t["headers"], files={"file": ("big.onnx", b"\0" * 300_000)}
+    )
     assert r.status_code == 413
     assert r.json()["error"] == "payload_too_large"
     assert "100000" in r.json()["detail"]
@@ -91,14 +102,19 @@ def test_oversized_streamed_upload_is_413_midstream(make_client, new_tenant):
     boundary = "testboundary"
 
     def body():
-        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.npz\"\r\n"
-               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        yield (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.npz"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         for _ in range(50):
             yield b"\1" * 10_000
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    r = small.post("/v1/datasets", headers={**t["headers"], "Content-Type": f"multipart/form-data; boundary={boundary}"},
-                   content=body())
+    r = small.post(
+        "/v1/datasets",
+        headers={**t["headers"], "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        content=body(),
+    )
     assert r.status_code == 413
     assert r.json()["error"] == "payload_too_large"
     staging = small.app.state.storage.staging_dir()
@@ -119,7 +135,10 @@ def test_dataset_npz_upload_and_dedupe(client, tenant):
     # Stored with its suffix (the engine picks the reader by it).
     key = client.app.state.storage.path(f"tenants/{tenant['tenant_id']}/datasets/{body['id']}.npz")
     assert key.is_file()
-    assert client.get(f"/v1/datasets/{body['id']}", headers=h).json()["sha256"] == hashlib.sha256(data).hexdigest()
+    assert (
+        client.get(f"/v1/datasets/{body['id']}", headers=h).json()["sha256"]
+        == hashlib.sha256(data).hexdigest()
+    )
     assert client.delete(f"/v1/datasets/{body['id']}", headers=h).status_code == 204
     assert client.get(f"/v1/datasets/{body['id']}", headers=h).status_code == 404
 
@@ -133,25 +152,44 @@ def test_dataset_image_archive(client, tenant):
             for cls in ("cat", "dog"):
                 for i in range(n):
                     img = io.BytesIO()
-                    Image.fromarray((np.random.rand(8, 8, 3) * 255).astype("uint8")).save(img, "PNG")
+                    Image.fromarray((np.random.rand(8, 8, 3) * 255).astype("uint8")).save(
+                        img, "PNG"
+                    )
                     zf.writestr(f"{split}/{cls}/{i}.png", img.getvalue())
-    r = client.post("/v1/datasets", headers=tenant["headers"], files={"file": ("pets.zip", buf.getvalue())})
+    r = client.post(
+        "/v1/datasets", headers=tenant["headers"], files={"file": ("pets.zip", buf.getvalue())}
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["format"] == ".zip"
-    assert (body["train"], body["test"], body["sample_shape"], body["classes"]) == (8, 4, [3, 8, 8], ["cat", "dog"])
+    assert (body["train"], body["test"], body["sample_shape"], body["classes"]) == (
+        8,
+        4,
+        [3, 8, 8],
+        ["cat", "dog"],
+    )
 
 
 def test_dataset_unknown_format_is_415(client, tenant):
-    r = client.post("/v1/datasets", headers=tenant["headers"], files={"file": ("data.csv", b"a,b\n1,2\n")})
+    r = client.post(
+        "/v1/datasets", headers=tenant["headers"], files={"file": ("data.csv", b"a,b\n1,2\n")}
+    )
     assert r.status_code == 415
     assert ".npz" in r.json()["detail"]
 
 
 def test_dataset_with_pickled_arrays_is_422(client, tenant):
     buf = io.BytesIO()
-    np.savez(buf, x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
-    r = client.post("/v1/datasets", headers=tenant["headers"], files={"file": ("evil.npz", buf.getvalue())})
+    np.savez(
+        buf,
+        x_train=np.array([{"a": 1}], dtype=object),
+        y_train=np.zeros(1),
+        x_test=np.zeros(1),
+        y_test=np.zeros(1),
+    )
+    r = client.post(
+        "/v1/datasets", headers=tenant["headers"], files={"file": ("evil.npz", buf.getvalue())}
+    )
     assert r.status_code == 422
     assert r.json()["error"] == "bad_dataset"
     assert "pickle" in r.json()["detail"]
@@ -161,14 +199,18 @@ def test_dataset_archive_with_path_escape_is_422(client, tenant):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("../../etc/evil.png", b"x")
-    r = client.post("/v1/datasets", headers=tenant["headers"], files={"file": ("evil.zip", buf.getvalue())})
+    r = client.post(
+        "/v1/datasets", headers=tenant["headers"], files={"file": ("evil.zip", buf.getvalue())}
+    )
     assert r.status_code == 422
     assert "unsafe path" in r.json()["detail"]
 
 
 def test_delete_input_of_active_job_is_409(client, uploaded):
     h = uploaded["headers"]
-    r = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"]))
+    r = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    )
     assert r.status_code == 202
     for path in (f"/v1/models/{uploaded['model_id']}", f"/v1/datasets/{uploaded['dataset_id']}"):
         r2 = client.delete(path, headers=h)

@@ -71,7 +71,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[ty
     np.savez(root / "digits.npz", **arrays)
     accuracy = servicekit.train_digits_onnx(root / "digits.onnx", arrays)
     assert accuracy > 0.9, accuracy
-    return {"model": root / "digits.onnx", "data": root / "digits.npz", "arrays": arrays, "accuracy": accuracy}
+    return {
+        "model": root / "digits.onnx",
+        "data": root / "digits.npz",
+        "arrays": arrays,
+        "accuracy": accuracy,
+    }
 
 
 @pytest.fixture()
@@ -84,7 +89,10 @@ def sdk(stack):  # type: ignore[no-untyped-def]
 
 @pytest.fixture()
 def uploaded(sdk, digits) -> dict:  # type: ignore[type-arg]
-    return {"model": sdk.models.upload(digits["model"]), "data": sdk.datasets.upload(digits["data"])}
+    return {
+        "model": sdk.models.upload(digits["model"]),
+        "data": sdk.datasets.upload(digits["data"]),
+    }
 
 
 def spec(uploaded: dict, **extra) -> dict:  # type: ignore[no-untyped-def, type-arg]

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PG_URL = os.environ.get("PRUNERY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get(
+    "PRUNERY_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REDIS_BASE = os.environ.get("PRUNERY_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 
@@ -39,7 +41,9 @@ def require_services(redis_db: int) -> None:
 
     problems = []
     try:
-        psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=3).close()
+        psycopg.connect(
+            PG_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=3
+        ).close()
     except Exception as exc:
         problems.append(f"Postgres at {PG_URL}: {exc}")
     try:
@@ -57,7 +61,9 @@ def fresh_schema(schema: str) -> str:
     """Drop and recreate a Postgres schema; return a URL whose search_path is that schema."""
     import psycopg
 
-    with psycopg.connect(PG_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True) as conn:
+    with psycopg.connect(
+        PG_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True
+    ) as conn:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         conn.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_URL else "?"
@@ -98,21 +104,36 @@ def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     n_test = 360
-    return {"x_train": x[n_test:], "y_train": y[n_test:], "x_test": x[:n_test], "y_test": y[:n_test]}
+    return {
+        "x_train": x[n_test:],
+        "y_train": y[n_test:],
+        "x_test": x[:n_test],
+        "y_test": y[:n_test],
+    }
 
 
-def train_digits_onnx(path: Path, arrays: dict[str, np.ndarray], epochs: int = 15, width: int = 16) -> float:
+def train_digits_onnx(
+    path: Path, arrays: dict[str, np.ndarray], epochs: int = 15, width: int = 16
+) -> float:
     """A small CNN trained on digits, exported to ONNX (dynamic batch). Returns test accuracy."""
     import torch
     from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+        nn.BatchNorm2d(2 * width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, 10),
     )
     x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -124,10 +145,17 @@ def train_digits_onnx(path: Path, arrays: dict[str, np.ndarray], epochs: int = 1
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = (model(torch.from_numpy(arrays["x_test"])).argmax(1).numpy() == arrays["y_test"]).mean()
+        acc = (
+            model(torch.from_numpy(arrays["x_test"])).argmax(1).numpy() == arrays["y_test"]
+        ).mean()
     torch.onnx.export(
-        model, torch.zeros(1, 1, 8, 8), str(path), dynamo=False, opset_version=17,
-        input_names=["image"], output_names=["logits"],
+        model,
+        torch.zeros(1, 1, 8, 8),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
         dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
     )
     return float(acc)
@@ -153,9 +181,22 @@ class Stack:
 
     def start_api(self) -> None:
         self.api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=self._log("api"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log("api"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.wait_ready()
@@ -166,7 +207,9 @@ class Stack:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.api is not None and self.api.poll() is not None:
-                raise RuntimeError(f"the API exited: {(self.workdir / 'api.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"the API exited: {(self.workdir / 'api.log').read_text()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -178,11 +221,29 @@ class Stack:
     def start_worker(self) -> subprocess.Popen[bytes]:
         self._worker_count += 1
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-             "-Q", f"{self.env['PRUNERY_JOB_QUEUE']},{self.env['PRUNERY_CONTROL_QUEUE']}",
-             "-c", "1", "-B", "-s", str(self.workdir / f"beat-{self._worker_count}"),
-             "-n", f"test{self._worker_count}@%h", "--loglevel", "INFO"],
-            cwd=REPO, env=self.env, stdout=self._log("worker"), stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.celery_app",
+                "worker",
+                "-Q",
+                f"{self.env['PRUNERY_JOB_QUEUE']},{self.env['PRUNERY_CONTROL_QUEUE']}",
+                "-c",
+                "1",
+                "-B",
+                "-s",
+                str(self.workdir / f"beat-{self._worker_count}"),
+                "-n",
+                f"test{self._worker_count}@%h",
+                "--loglevel",
+                "INFO",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=self._log("worker"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self.worker

@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import spec
-
 import servicekit
+from conftest import spec
 
 pytestmark = pytest.mark.service
 
@@ -73,15 +72,37 @@ def test_l1_norm_job_end_to_end(sdk, uploaded, digits, tmp_path):
 
 def _cli(stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PRUNERY_URL": stack.url, "PRUNERY_API_KEY": stack.api_key}
-    return subprocess.run([sys.executable, "-m", "prunery.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=servicekit.REPO, timeout=400)
+    return subprocess.run(
+        [sys.executable, "-m", "prunery.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=servicekit.REPO,
+        timeout=400,
+    )
 
 
 def test_cli_submit_wait_gate_missed_and_failed(stack, digits, tmp_path):
     # Gate missed: heavy pruning with no recovery and a zero-drop gate → exit 4, model still produced.
-    r = _cli(stack, "submit", str(digits["model"]), "--data", str(digits["data"]), "--method", "l1_norm",
-             "--target-flops", "0.2", "--recovery", "none", "--max-accuracy-drop", "0", "--wait",
-             "--out", str(tmp_path / "gate"), "--json")
+    r = _cli(
+        stack,
+        "submit",
+        str(digits["model"]),
+        "--data",
+        str(digits["data"]),
+        "--method",
+        "l1_norm",
+        "--target-flops",
+        "0.2",
+        "--recovery",
+        "none",
+        "--max-accuracy-drop",
+        "0",
+        "--wait",
+        "--out",
+        str(tmp_path / "gate"),
+        "--json",
+    )
     assert r.returncode == 4, r.stdout + r.stderr
     out = json.loads(r.stdout)
     assert out["job"]["status"] == "succeeded" and out["job"]["gates_passed"] is False
@@ -89,16 +110,34 @@ def test_cli_submit_wait_gate_missed_and_failed(stack, digits, tmp_path):
     assert (tmp_path / "gate" / "model.onnx").is_file()
 
     # Job failed in the engine (a bad per-layer target only the engine can check) → exit 3.
-    r = _cli(stack, "submit", str(digits["model"]), "--data", str(digits["data"]), "--method", "l1_norm",
-             "--target-flops", "0.5", "--epochs", "0", "--wait", "--json")
+    r = _cli(
+        stack,
+        "submit",
+        str(digits["model"]),
+        "--data",
+        str(digits["data"]),
+        "--method",
+        "l1_norm",
+        "--target-flops",
+        "0.5",
+        "--epochs",
+        "0",
+        "--wait",
+        "--json",
+    )
     assert r.returncode == 0, r.stdout + r.stderr  # sanity: the same inputs succeed
     ok_job = json.loads(r.stdout)["job"]["id"]
     from prunery import Client
 
     client = Client(stack.url, stack.api_key)
-    bad = client.jobs.create({"model_id": ok_job and json.loads(r.stdout)["job"]["model_id"],
-                              "dataset_id": json.loads(r.stdout)["job"]["dataset_id"],
-                              "method": {"name": "l1_norm"}, "target": {"layers": {"no_such_layer": 0.5}}})
+    bad = client.jobs.create(
+        {
+            "model_id": ok_job and json.loads(r.stdout)["job"]["model_id"],
+            "dataset_id": json.loads(r.stdout)["job"]["dataset_id"],
+            "method": {"name": "l1_norm"},
+            "target": {"layers": {"no_such_layer": 0.5}},
+        }
+    )
     r = _cli(stack, "wait", bad.id, "--json")
     assert r.returncode == 3, r.stdout + r.stderr
     failed = json.loads(r.stdout)["job"]
@@ -106,8 +145,17 @@ def test_cli_submit_wait_gate_missed_and_failed(stack, digits, tmp_path):
     assert failed["error"]["error"] == "bad_spec" and "no_such_layer" in failed["error"]["detail"]
 
     # Bad input / API errors → exit 2.
-    r = _cli(stack, "submit", str(digits["model"]), "--data", str(digits["data"]), "--method", "nope",
-             "--target-flops", "0.5")
+    r = _cli(
+        stack,
+        "submit",
+        str(digits["model"]),
+        "--data",
+        str(digits["data"]),
+        "--method",
+        "nope",
+        "--target-flops",
+        "0.5",
+    )
     assert r.returncode == 2 and "known methods" in r.stderr
     r = _cli(stack, "status", "job_doesnotexist", "--json")
     assert r.returncode == 2 and json.loads(r.stdout)["error"] == "not_found"

@@ -7,7 +7,6 @@ import signal
 
 import pytest
 from conftest import spec, wait_for
-
 from prunery.errors import JobCancelled, JobFailed
 
 pytestmark = pytest.mark.service
@@ -52,8 +51,12 @@ def test_killed_worker_job_reruns_to_success(sdk, uploaded, stack):
 def test_killed_every_attempt_fails_with_reason(sdk, uploaded, stack):
     job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 200, "batch_size": 16}))
     for attempt in (1, 2):  # settings: max_attempts=2
-        wait_for(lambda a=attempt: _running_in(job, {"load", "analyse", "prune", "recover"}) and job.attempts == a,
-                 timeout=120)
+        wait_for(
+            lambda a=attempt: (
+                _running_in(job, {"load", "analyse", "prune", "recover"}) and job.attempts == a
+            ),
+            timeout=120,
+        )
         stack.kill_worker(signal.SIGKILL)
         stack.start_worker()
     with pytest.raises(JobFailed):
@@ -65,7 +68,6 @@ def test_killed_every_attempt_fails_with_reason(sdk, uploaded, stack):
 
 def test_message_lost_by_the_broker_is_republished(sdk, uploaded, stack):
     import redis
-
     import servicekit
     from conftest import REDIS_DB
 
