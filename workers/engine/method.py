@@ -43,6 +43,11 @@ class MethodResult:
     recovery: Literal["scratch"] | None = None
     dynamic: bool = False
     notes: list[str] = field(default_factory=list)
+    # Knowledge distillation during recovery (TAS): {"alpha": 0.9, "temperature": 4.0};
+    # the teacher is the unpruned model.
+    distill: dict[str, float] | None = None
+    # Extra files for the job's artifacts (e.g. {"search_curves.png": bytes}).
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
 
 class Method(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 import platform
@@ -196,9 +197,14 @@ def run(
             epochs = int(math.ceil(rec.epochs * base_costs.macs / max(pruned_costs.macs, 1)))
         train.reinitialize(pruned, spec.seed)
     curve: list[float] = []
+    extra = None
+    if result.distill:
+        teacher = copy.deepcopy(loaded.module).to(dev)
+        extra = train.distillation_loss(teacher, result.distill.get("alpha", 0.9), result.distill.get("temperature", 4.0))
+        notes.append(f"recovery distilled from the original model (alpha {result.distill.get('alpha', 0.9)}, T {result.distill.get('temperature', 4.0)})")
     if mode != "none" and epochs > 0:
         curve = ctx.train(
-            pruned, epochs, lr=rec.lr,
+            pruned, epochs, lr=rec.lr, extra_loss=extra,
             on_step=lambda s, total, loss: report_progress("recover", s / total, f"epoch {1 + (s - 1) * epochs // total}/{epochs} loss {loss:.4f}"),
         )
     pruned = pruned.cpu().eval()
@@ -321,6 +327,8 @@ def run(
         versions=_versions(),
         device=_device_name(dev),
     )
+    for name, payload in result.artifacts.items():
+        export_mod.save_atomic(payload, out_dir / Path(name).name)
     export_mod.save_atomic(pruned_bytes, out_dir / "model.onnx")
     export_mod.save_atomic(report.model_dump_json(indent=2).encode(), out_dir / "report.json")
     export_mod.save_atomic(render_markdown(report).encode(), out_dir / "report.md")

@@ -137,6 +137,24 @@ def train(
     return history
 
 
+def distillation_loss(teacher: nn.Module, alpha: float, temperature: float) -> Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Hinton et al.: alpha * T^2 * KL(teacher_T || student_T) - alpha * CE, so that the
+    training loop's CE term ends up weighted (1 - alpha)."""
+    teacher.eval()
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        kd = F.kl_div(
+            F.log_softmax(logits / temperature, dim=-1),
+            F.softmax(t_logits / temperature, dim=-1),
+            reduction="batchmean",
+        ) * (temperature**2)
+        return alpha * kd - alpha * F.cross_entropy(logits, y)
+
+    return loss
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: TensorData, batch_size: int = 256, device: torch.device | None = None) -> float:
     device = device or pick_device()

@@ -152,3 +152,11 @@ register(
         applies=needs_prunable_layers,
     )
 )
+
+
+# ------------------------------------------------------------------ Rethinking-the-Value methods (issue 4)
+# (network_slimming, thinet, channel_regression are registered below this line)
+
+
+# ------------------------------------------------------------------ learned architectures (issue 5)
+# (pruning_from_scratch, tas are registered below this line)

@@ -1,0 +1,46 @@
+# Prunery — entry points named in the README.
+#   make demo   one command: set up .venv, start the embedded server, prune a digits model end to end
+#   make test   one command: set up .venv, run every test tier (engine, API, service)
+# Both create .venv at the repository root on first use (torch/torchvision are pinned to
+# the builds pip finds on the development machines' disk; see pyproject.toml).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-engine test-service lint bench bench-engine bench-service clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-engine: $(STAMP)
+	$(PY) -m pytest -q tests/engine
+
+test-service: $(STAMP)
+	$(PY) -m pytest -q tests/api tests/service
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-engine: $(STAMP)
+	$(PY) benchmarks/engine.py
+
+bench-service: $(STAMP)
+	$(PY) benchmarks/service.py
+
+bench: bench-engine bench-service
+
+clean:
+	rm -rf .prunery .pytest_cache benchmarks/out
