@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
+import os
 import shlex
 import statistics
 import sys
@@ -77,8 +79,9 @@ class Row:
 
 
 def _short_error(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    text = f"{type(exc).__name__}: {text}"[:120]
+    # The engine's messages put the fact first and the advice after a ';'.
+    text = str(exc).splitlines()[0].split(";")[0] if str(exc) else ""
+    text = f"{type(exc).__name__}: {text}"[:160]
     return text.replace("|", "/")  # keep the Markdown table intact
 
 
@@ -98,7 +101,9 @@ def bench_prunery(name: str, model_path: Path, data_path: Path, args: argparse.N
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as out:
-            report: Report = run(spec, model_path, data_path, out, latency_runs=args.runs)
+            report: Report = run(
+                spec, model_path, data_path, out, latency_runs=args.runs, latency_threads=args.ort_threads or None,
+            )
     except Exception as exc:  # a failed job is a result too: show it, keep benchmarking
         row.wall, row.note = time.perf_counter() - t0, _short_error(exc)
         return row
@@ -121,20 +126,21 @@ def _classifier_names(module: nn.Module, num_classes: int) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
 
 
-def tp_prune(module: nn.Module, example: torch.Tensor, ratio: float, keep: list[str]) -> nn.Module:
+def tp_prune(module: nn.Module, example: torch.Tensor, ratio: float, keep: list[str], round_to: int = 1) -> nn.Module:
     """A pruned copy: uniform per-layer `ratio` of channels removed by L1 magnitude."""
     pruned = copy.deepcopy(module)
     ignored = [pruned.get_submodule(n) for n in keep]  # the copy's modules, not the original's
     pruner = tp.pruner.BasePruner(
         pruned, example, importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
+        round_to=round_to if round_to > 1 else None,
     )
     with torch.enable_grad():  # tp traces the graph through autograd
         pruner.step()
     return pruned.eval()
 
 
-def search_ratio(module: nn.Module, example: torch.Tensor, target: float, keep: list[str]) -> tuple[nn.Module, float]:
+def search_ratio(module: nn.Module, example: torch.Tensor, target: float, keep: list[str], round_to: int = 1) -> tuple[nn.Module, float]:
     """Bisect tp's pruning_ratio so the torch-counted MACs keep ~target of the original.
 
     The engine's budget search also counts with `torch_costs`, so both sides aim with the
@@ -145,7 +151,7 @@ def search_ratio(module: nn.Module, example: torch.Tensor, target: float, keep: 
     best: tuple[float, nn.Module, float] | None = None  # (|error|, model, kept)
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2
-        candidate = tp_prune(module, example, mid, keep)
+        candidate = tp_prune(module, example, mid, keep, round_to)
         kept = torch_costs(candidate, example).macs / base
         if best is None or abs(kept - target) < best[0]:
             best = (abs(kept - target), candidate, kept)
@@ -156,11 +162,11 @@ def search_ratio(module: nn.Module, example: torch.Tensor, target: float, keep: 
     return best[1], best[2]
 
 
-def bench_tp(name: str, model_path: Path, data_path: Path, args: argparse.Namespace) -> Row:
-    row = Row(name, "tp magnitude")
+def bench_tp(name: str, model_path: Path, data_path: Path, args: argparse.Namespace, round_to: int = 1) -> Row:
+    row = Row(name, "tp magnitude" + (f" r{round_to}" if round_to > 1 else ""))
     t0 = time.perf_counter()
     try:
-        _measure_tp(row, model_path, data_path, args)
+        _measure_tp(row, model_path, data_path, args, round_to)
     except Exception as exc:  # e.g. tp's index mapping through onnx2torch Reshape/Transpose
         row.note = "tp failed: " + _short_error(exc)
         row.macs_kept = None
@@ -168,7 +174,7 @@ def bench_tp(name: str, model_path: Path, data_path: Path, args: argparse.Namesp
     return row
 
 
-def _measure_tp(row: Row, model_path: Path, data_path: Path, args: argparse.Namespace) -> None:
+def _measure_tp(row: Row, model_path: Path, data_path: Path, args: argparse.Namespace, round_to: int) -> None:
     # Same data, same split, same example as the pipeline.
     ds = datasets.load_dataset(data_path, seed=SEED)
     data = train_mod.TensorData.from_numpy(ds)
@@ -176,7 +182,8 @@ def _measure_tp(row: Row, model_path: Path, data_path: Path, args: argparse.Name
     example = data.x_train[:1].clone()
     with torch.no_grad():
         num_classes = int(loaded.module(example).shape[1])
-    pruned, _ = search_ratio(loaded.module, example, args.target, _classifier_names(loaded.module, num_classes))
+    keep = _classifier_names(loaded.module, num_classes)
+    pruned, _ = search_ratio(loaded.module, example, args.target, keep, round_to)
     with torch.no_grad():
         pruned(data.x_test[:4])  # tp may step fine yet leave a graph that no longer runs
     train_mod.train(
@@ -186,10 +193,13 @@ def _measure_tp(row: Row, model_path: Path, data_path: Path, args: argparse.Name
     pruned_onnx = export_mod.export_onnx(pruned.cpu().eval(), example, 17, input_name=loaded.input_name)
     # The pipeline's own baseline: the normalised upload with a symbolic batch.
     base_onnx = _dynamic_batch(loaded.onnx_model)
-    _measure_onnx(row, base_onnx, pruned_onnx, loaded.input_name, data, args.runs)
+    _measure_onnx(row, base_onnx, pruned_onnx, loaded.input_name, data, args.runs, args.ort_threads or None)
 
 
-def _measure_onnx(row: Row, base: onnx.ModelProto, pruned: onnx.ModelProto, input_name: str, data: train_mod.TensorData, runs: int) -> None:
+def _measure_onnx(
+    row: Row, base: onnx.ModelProto, pruned: onnx.ModelProto, input_name: str,
+    data: train_mod.TensorData, runs: int, threads: int | None,
+) -> None:
     """The pipeline's verify stage, numbers only."""
     x, y = data.x_test.numpy(), data.y_test.numpy()
     feed1 = {input_name: x[:1]}
@@ -199,7 +209,7 @@ def _measure_onnx(row: Row, base: onnx.ModelProto, pruned: onnx.ModelProto, inpu
     row.acc_after = export_mod.topk_accuracy(export_mod.onnx_predict(pruned_b, input_name, x), y, 1)
     row.drop = round((row.acc_before - row.acc_after) * 100.0, 4)
     for bs in LATENCY_BATCHES:
-        before, after = export_mod.interleaved_latency(base_b, pruned_b, input_name, input_name, x[:bs], bs, runs=runs)
+        before, after = export_mod.interleaved_latency(base_b, pruned_b, input_name, input_name, x[:bs], bs, runs=runs, threads=threads)
         row.speedup[bs] = before.median_ms / after.median_ms
 
 
@@ -229,6 +239,11 @@ def render(rows: list[Row]) -> str:
     return "\n".join(head + body)
 
 
+def _median(rows: list[Row], get: Callable[[Row], float | None]) -> float | None:
+    vals = [v for v in (get(r) for r in rows) if v is not None]
+    return statistics.median(vals) if vals else None
+
+
 def medians(rows: list[Row]) -> str:
     """One line per method over the models it handled (failures are counted, not averaged)."""
     lines = []
@@ -236,10 +251,7 @@ def medians(rows: list[Row]) -> str:
         mine = [r for r in rows if r.method == method]
         done = [r for r in mine if r.ok]
 
-        def med(get: Callable[[Row], float | None]) -> float | None:
-            vals = [v for v in (get(r) for r in done) if v is not None]
-            return statistics.median(vals) if vals else None
-
+        med = functools.partial(_median, done)
         lines.append(
             f"median {method} over {len(done)}/{len(mine)} models: MACs kept {_f(med(lambda r: r.macs_kept), '.3f')}, "
             f"speedup b1 {_f(med(lambda r: r.speedup.get(1)), '.2f')}, b32 {_f(med(lambda r: r.speedup.get(32)), '.2f')}, "
@@ -257,7 +269,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="recovery fine-tune epochs, both sides")
     p.add_argument("--target", type=float, default=0.5, help="fraction of the original MACs to keep")
     p.add_argument("--runs", type=int, default=30, help="timed onnxruntime runs per latency")
-    p.add_argument("--round-to", type=int, default=1, help="if > 1, add a prunery row with export.round_to=N")
+    p.add_argument("--round-to", type=int, default=1, help="if > 1, add rows with widths rounded to multiples of N")
+    p.add_argument(
+        "--ort-threads", type=int, default=0,
+        help="onnxruntime intra-op threads for latency (0: its default, all cores, as the engine does); "
+        "1 is steadier on a shared machine",
+    )
     p.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default: tests' cache)")
     args = p.parse_args(argv)
     unknown = [m for m in args.models.split(",") if m not in ZOO]
@@ -278,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     print("command: " + shlex.join([sys.executable, *sys.argv]))
     print(
         f"torch {torch.__version__}, onnxruntime {version('onnxruntime')}, torch-pruning {version('torch-pruning')}, "
-        f"torch threads {torch.get_num_threads()}, onnxruntime threads default (all cores); "
+        f"torch threads {torch.get_num_threads()}, onnxruntime threads {args.ort_threads or 'default (all cores)'}, "
+        f"{os.cpu_count()} cpus; "
         f"target flops {args.target}, recovery {args.epochs} epochs, {args.runs} latency runs"
     )
     cache = args.cache_dir or default_cache_dir()
@@ -288,9 +306,11 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models.split(","):
             model_path, _ = build_zoo_model(name, cache, opset=17)
             rows.append(bench_prunery(name, model_path, data_path, args))
-            if args.round_to > 1:
+            if args.round_to > 1:  # widths that fit onnxruntime's blocked (NCHWc) conv kernels
                 rows.append(bench_prunery(name, model_path, data_path, args, round_to=args.round_to))
             rows.append(bench_tp(name, model_path, data_path, args))
+            if args.round_to > 1:  # the peer gets the same rounding, for a like-for-like row
+                rows.append(bench_tp(name, model_path, data_path, args, round_to=args.round_to))
             print(f"  done {name}", file=sys.stderr, flush=True)
     print()
     print(render(rows))
