@@ -5,8 +5,9 @@
 Writes OUTDIR/model.onnx, OUTDIR/report.json and OUTDIR/report.md — all or nothing: the
 run works in a temporary sibling directory that is renamed into place only on success.
 
-Exit codes: 0 success (all gates held), 2 bad input (the message says what to fix),
-3 finished but a gate was missed, 1 unexpected internal error.
+Exit codes (the same as the remote `prunery submit --wait`): 0 success (all gates held),
+2 bad input (the message says what to fix), 3 the run failed (internal error),
+4 finished but a gate was missed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_GATE = 0, 2, 3, 4
 
 
 def _parse_value(text: str) -> Any:
@@ -73,7 +74,7 @@ def build_spec(args: argparse.Namespace):
         try:
             body = json.loads(args.spec.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(_fail(f"cannot read --spec {args.spec}: {exc}"))
+            raise SystemExit(_fail(f"cannot read --spec {args.spec}: {exc}")) from None
     params = dict(body.get("method", {}).get("params", {}))
     for item in args.method_param:
         if "=" not in item:
@@ -90,7 +91,7 @@ def build_spec(args: argparse.Namespace):
         try:
             target = {"layers": json.loads(args.target_layers)}
         except json.JSONDecodeError as exc:
-            raise SystemExit(_fail(f"--target-layers is not JSON: {exc}"))
+            raise SystemExit(_fail(f"--target-layers is not JSON: {exc}")) from None
     if not target:
         raise SystemExit(_fail("give a budget: --target-flops 0.5, --target-params 0.5 or --target-layers '{...}'"))
     target["tolerance"] = args.tolerance
@@ -106,7 +107,7 @@ def build_spec(args: argparse.Namespace):
         return JobSpec.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(_fail(f"invalid job spec: {problems}"))
+        raise SystemExit(_fail(f"invalid job spec: {problems}")) from None
 
 
 def _fail(message: str) -> int:
