@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-from prunery.spec import JobSpec
 from torch import nn
 
+from prunery.spec import JobSpec
 from workers.engine import budget, graph, train
 from workers.engine.flops import Costs, torch_costs
 from workers.methods.catalog import MethodParams

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
 from prunery.report import (
     AccuracyResult,
     BeforeAfter,
@@ -25,7 +26,6 @@ from prunery.report import (
     render_markdown,
 )
 from prunery.spec import JobSpec
-
 from workers import checks, datasets
 from workers.engine import export as export_mod
 from workers.engine import graph, load, train
