@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 import servicekit
 
 pytestmark = pytest.mark.service

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 from conftest import spec, wait_for
+
 from prunery.errors import JobCancelled, JobFailed
 
 pytestmark = pytest.mark.service
