@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from prunery.spec import JobSpec
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import ErrorBody
+from prunery.spec import JobSpec
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 

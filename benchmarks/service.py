@@ -270,7 +270,6 @@ def main() -> int:
         print("the engine called directly ...", file=sys.stderr)
         t0 = time.perf_counter()
         from prunery.spec import JobSpec
-
         from workers.engine import run
 
         import_s = time.perf_counter() - t0

@@ -301,7 +301,6 @@ def execute(rt: Runtime, job_id: str) -> str:
         with JobReporter(rt, job_id, token) as reporter:
             try:
                 from prunery.spec import JobSpec
-
                 from workers.engine import run as run_engine  # torch is imported here
 
                 spec = JobSpec.model_validate(d["spec"])
