@@ -93,6 +93,13 @@ class Report(BaseModel):
     method_details: dict[str, Any] = Field(
         default_factory=dict, description="What the method learned or decided (widths, curves)."
     )
+    robustness: dict[str, Any] | None = Field(
+        default=None, description="Adversarial accuracy before/after, with the attack's parameters."
+    )
+    dynamic: dict[str, Any] | None = Field(
+        default=None,
+        description="Dynamic (per-sample gated) models: measured mean/std MACs over the evaluation set.",
+    )
     stage_seconds: dict[str, float]
     notes: list[str] = Field(default_factory=list)
     seed: int

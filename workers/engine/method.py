@@ -48,6 +48,13 @@ class MethodResult:
     distill: dict[str, float] | None = None
     # Extra files for the job's artifacts (e.g. {"search_curves.png": bytes}).
     artifacts: dict[str, bytes] = field(default_factory=dict)
+    # An extra recovery loss term, e.g. adversarial fine-tuning (ANP):
+    # fn(model, x, y, logits) -> tensor, added to the cross-entropy.
+    recovery_extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Measurements after recovery: fn(original, recovered, data) -> dict. Keys "robustness"
+    # and "dynamic" become the report blocks of those names (for dynamic models the report's
+    # achieved MACs are dynamic["macs_mean"] / MACs before); other keys go to method_details.
+    post_recovery: Callable[[nn.Module, nn.Module, train.TensorData], dict[str, Any]] | None = None
 
 
 class Method(Protocol):

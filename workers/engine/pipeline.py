@@ -202,12 +202,19 @@ def run(
         teacher = copy.deepcopy(loaded.module).to(dev)
         extra = train.distillation_loss(teacher, result.distill.get("alpha", 0.9), result.distill.get("temperature", 4.0))
         notes.append(f"recovery distilled from the original model (alpha {result.distill.get('alpha', 0.9)}, T {result.distill.get('temperature', 4.0)})")
+    if result.recovery_extra_loss is not None:
+        first, second = extra, result.recovery_extra_loss
+        extra = second if first is None else (lambda m, x, y, lo: first(m, x, y, lo) + second(m, x, y, lo))
     if mode != "none" and epochs > 0:
         curve = ctx.train(
             pruned, epochs, lr=rec.lr, extra_loss=extra,
             on_step=lambda s, total, loss: report_progress("recover", s / total, f"epoch {1 + (s - 1) * epochs // total}/{epochs} loss {loss:.4f}"),
         )
     pruned = pruned.cpu().eval()
+    measured: dict = {}
+    if result.post_recovery is not None:
+        measured = dict(result.post_recovery(loaded.module, pruned, data))
+        pruned = pruned.cpu().eval()
 
     # ---------------------------------------------------------------- export
     begin("export")
@@ -270,6 +277,10 @@ def run(
     target = spec.target
     if target.kind == "params":
         achieved = cost_after.params / cost_before.params
+    elif result.dynamic and measured.get("dynamic", {}).get("macs_mean") is not None:
+        achieved = float(measured["dynamic"]["macs_mean"]) / cost_before.macs
+        notes.append("dynamic model: the achieved MACs are the measured mean over the evaluation set; "
+                     "`macs.after` is the static count of the exported graph")
     else:
         achieved = cost_after.macs / cost_before.macs
     requested = target.fraction
@@ -300,6 +311,7 @@ def run(
         ))
     timings[state["stage"]] = round(timings.get(state["stage"], 0.0) + time.perf_counter() - state["t0"], 3)
     details = dict(result.details)
+    details.update({k: v for k, v in measured.items() if k not in ("robustness", "dynamic")})
     details["recovery_loss_per_epoch"] = [round(v, 5) for v in curve]
     report = Report(
         task=spec.task,
@@ -319,6 +331,8 @@ def run(
         excluded=[ExcludedLayer(name=n, reason=r) for n, r in analysis.excluded],
         gates=gates,
         method_details=details,
+        robustness=measured.get("robustness"),
+        dynamic=measured.get("dynamic"),
         stage_seconds=timings,
         notes=notes,
         seed=spec.seed,

@@ -160,3 +160,11 @@ register(
 
 # ------------------------------------------------------------------ learned architectures (issue 5)
 # (pruning_from_scratch, tas are registered below this line)
+
+
+# ------------------------------------------------------------------ robust and dynamic (issue 6)
+# (anp, sanp are registered below this line)
+
+
+# ------------------------------------------------------------------ language models (issue 6)
+# (flop is registered below this line)
