@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -142,6 +143,17 @@ def install_handlers(app: FastAPI) -> None:
             codes.get(exc.status_code, "http_error"),
             detail,
             getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
+    async def _db_down(_request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unavailable: %s", exc)
+        return _render(
+            503,
+            "database_unavailable",
+            "the database is unavailable; retry shortly",
+            {"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

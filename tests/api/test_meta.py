@@ -167,3 +167,14 @@ def test_sdk_raises_typed_errors(client, uploaded):
     )
     with pytest.raises(e.RateLimited):
         sdk429.jobs.list()
+
+
+def test_database_down_is_503_with_retry_after(make_client):
+    port = servicekit.free_port()
+    c = make_client(database_url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/test")
+    r = c.get("/v1/jobs", headers={"Authorization": "Bearer pk_x_y"})
+    assert r.status_code == 503
+    assert r.json()["error"] == "database_unavailable"
+    assert r.headers["retry-after"] == "5"
+    ready = c.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"

@@ -25,7 +25,10 @@ def test_prunery_serve_runs_a_job_with_no_servers(digits, tmp_path):
     env["PRUNERY_HOME"] = str(home)
     serve = subprocess.Popen(
         [sys.executable, "-m", "prunery.cli", "serve", "--port", str(port)],
-        cwd=servicekit.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=servicekit.REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -43,10 +46,32 @@ def test_prunery_serve_runs_a_job_with_no_servers(digits, tmp_path):
         assert oct((home / "credentials.json").stat().st_mode & 0o777) == "0o600"
 
         r = subprocess.run(
-            [sys.executable, "-m", "prunery.cli", "submit", str(digits["model"]), "--data", str(digits["data"]),
-             "--method", "l1_norm", "--target-flops", "0.5", "--epochs", "1", "--wait", "--json",
-             "--out", str(tmp_path / "out"), "--timeout", "300"],
-            cwd=servicekit.REPO, env=env, capture_output=True, text=True, timeout=400,
+            [
+                sys.executable,
+                "-m",
+                "prunery.cli",
+                "submit",
+                str(digits["model"]),
+                "--data",
+                str(digits["data"]),
+                "--method",
+                "l1_norm",
+                "--target-flops",
+                "0.5",
+                "--epochs",
+                "1",
+                "--wait",
+                "--json",
+                "--out",
+                str(tmp_path / "out"),
+                "--timeout",
+                "300",
+            ],
+            cwd=servicekit.REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert r.returncode == 0, r.stdout + r.stderr
         out = json.loads(r.stdout)

@@ -81,3 +81,28 @@ def test_message_lost_by_the_broker_is_republished(sdk, uploaded, stack):
     job.wait(timeout=180, poll_interval=0.5)
     assert job.status == "succeeded"
     assert any("publishing it again" in (e.message or "") for e in job.events())
+
+
+def test_killed_pool_child_is_redelivered_and_rerun(sdk, uploaded, stack):
+    """The OOM-killer case: only the pool child dies. acks_late + reject_on_worker_lost put
+    the message back, and the same worker takes the job over at once (no reaper wait)."""
+    import os
+
+    job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 6, "batch_size": 32}))
+    wait_for(lambda: _running_in(job, {"recover"}), timeout=120)
+    from app.db import make_engine, make_sessionmaker
+    from app.models import Job
+
+    engine = make_engine(stack.settings)
+    with make_sessionmaker(engine)() as s:
+        worker = s.get(Job, job.id).worker
+    engine.dispose()
+    child_pid = int(worker.rpartition(":")[2])
+    assert child_pid != stack.worker.pid
+    os.kill(child_pid, signal.SIGKILL)
+    job.wait(timeout=240, poll_interval=0.5)
+    assert job.status == "succeeded"
+    assert job.attempts == 2
+    messages = [e.message or "" for e in job.events()]
+    assert any("was lost; taking over" in m for m in messages), messages
+    assert stack.worker.poll() is None  # the worker itself survived
