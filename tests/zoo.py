@@ -350,3 +350,135 @@ def build_zoo_model(name: str, cache_dir: Path, opset: int | None = 17, epochs: 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PRUNERY_ZOO_CACHE", Path(__file__).resolve().parents[1] / ".pytest_cache" / "zoo"))
+
+
+# ------------------------------------------------------------------ language modelling
+
+VOCAB = 128  # ASCII
+SEQ_LEN = 32
+
+
+def text_tokens(max_chars: int = 400_000) -> np.ndarray:
+    """ASCII bytes of the Python standard library's own source files: real text that ships
+    with every Python installation, so nothing is downloaded."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks: list[bytes] = []
+    total = 0
+    for name in ("textwrap.py", "argparse.py", "functools.py", "inspect.py", "dataclasses.py", "pathlib.py", "typing.py"):
+        path = root / name
+        if path.exists():
+            data = path.read_bytes()
+            chunks.append(data)
+            total += len(data)
+        if total >= max_chars:
+            break
+    arr = np.frombuffer(b"".join(chunks)[:max_chars], dtype=np.uint8).astype(np.int64)
+    return np.where(arr < VOCAB, arr, ord("?"))
+
+
+def text_arrays(seq_len: int = SEQ_LEN, n_train: int = 3000, n_test: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
+    """Sequences of seq_len + 1 tokens: the model reads [:-1] and predicts [1:]. Train and
+    test windows come from disjoint halves of the text."""
+    tokens = text_tokens()
+    cut = int(len(tokens) * 0.85)
+    rng = np.random.default_rng(seed)
+
+    def windows(part: np.ndarray, n: int) -> np.ndarray:
+        starts = rng.integers(0, len(part) - seq_len - 1, size=n)
+        return np.stack([part[s : s + seq_len + 1] for s in starts])
+
+    return {"train": windows(tokens[:cut], n_train), "test": windows(tokens[cut:], n_test)}
+
+
+def write_text_npz(path: Path) -> Path:
+    np.savez(path, **text_arrays())
+    return path
+
+
+class CausalBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.n1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.n2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.register_buffer("mask", torch.triu(torch.full((SEQ_LEN, SEQ_LEN), float("-inf")), diagonal=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+        q, k, v = self.qkv(self.n1(x)).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) / (d // h) ** 0.5 + self.mask[:t, :t], dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.n2(x))))
+
+
+class CharTransformer(nn.Module):
+    """A small character-level transformer LM: int64 tokens [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.pos = nn.Parameter(torch.randn(1, SEQ_LEN, dim) * 0.02)
+        self.blocks = nn.Sequential(*[CausalBlock(dim, heads, 4 * dim) for _ in range(layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[:, : tokens.shape[1]]
+        return self.head(self.norm(self.blocks(x)))
+
+
+def train_lm(model: nn.Module, data: dict[str, np.ndarray], epochs: int = 4, seed: int = 0) -> float:
+    """Returns test bits per character."""
+    torch.manual_seed(seed)
+    train_seq = torch.from_numpy(data["train"])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_seq), generator=g)
+        for i in range(0, len(order), 64):
+            seq = train_seq[order[i : i + 64]]
+            logits = model(seq[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        seq = torch.from_numpy(data["test"])
+        loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, VOCAB), seq[:, 1:].reshape(-1))
+    return float(loss) / float(np.log(2))
+
+
+def build_lm_model(cache_dir: Path, epochs: int = 4) -> tuple[Path, float]:
+    """Train (once per cache) and export the character transformer; returns (path, test bpc)."""
+    cache_dir = Path(cache_dir) / _zoo_key()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path, bpc_file, weights = cache_dir / "char_lm-op17.onnx", cache_dir / "char_lm.bpc", cache_dir / "char_lm.pt"
+    if onnx_path.exists() and bpc_file.exists():
+        return onnx_path, float(bpc_file.read_text())
+    torch.manual_seed(0)
+    model = CharTransformer()
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        bpc = float(bpc_file.read_text())
+    else:
+        bpc = train_lm(model, text_arrays(), epochs=epochs)
+        torch.save(model.state_dict(), weights)
+        bpc_file.write_text(str(bpc))
+    model.eval()
+    tmp = onnx_path.with_suffix(".tmp.onnx")
+    torch.onnx.export(
+        model, (torch.zeros(2, SEQ_LEN, dtype=torch.long),), str(tmp), dynamo=False, opset_version=17,
+        input_names=["tokens"], output_names=["logits"],
+        dynamic_axes={"tokens": {0: "batch"}, "logits": {0: "batch"}},
+    )
+    tmp.replace(onnx_path)
+    return onnx_path, bpc

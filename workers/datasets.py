@@ -41,6 +41,11 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     @property
+    def vocab_size(self) -> int:
+        """Language modelling: one past the largest token id seen."""
+        return int(max(self.x_train.max(initial=0), self.x_test.max(initial=0), self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
+
+    @property
     def num_classes(self) -> int:
         return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
 
@@ -93,11 +98,15 @@ def _check_arrays(ds: Dataset, task: str) -> Dataset:
         if np.issubdtype(ds.x_train.dtype, np.floating):
             if not (np.isfinite(ds.x_train).all() and np.isfinite(ds.x_test).all()):
                 raise BadDataset("x contains NaN or infinite values")
-    else:  # language_modeling: int token sequences [N, T]
-        for name in ("x_train", "x_test"):
+    else:  # language_modeling: int token sequences [N, T] and next-token targets [N, T]
+        for name in ("x_train", "x_test", "y_train", "y_test"):
             x = getattr(ds, name)
             if x.ndim != 2 or not np.issubdtype(x.dtype, np.integer):
                 raise BadDataset(f"{name} must be a 2-D integer array of token ids [N, T]")
+            if x.min() < 0:
+                raise BadDataset(f"{name} has negative token ids")
+        if ds.x_train.shape != ds.y_train.shape or ds.x_test.shape != ds.y_test.shape:
+            raise BadDataset("token inputs and next-token targets must have the same shape")
     return ds
 
 
@@ -110,8 +119,11 @@ def load_npz(path: str | os.PathLike[str], task: str = "classification", split: 
             elif {"x", "y"} <= keys:
                 ds = Dataset(*_split(z["x"], z["y"], split, seed))
             elif task == "language_modeling" and {"train", "test"} <= keys:
+                # Token windows of T+1: the model reads [:, :-1] and predicts [:, 1:].
                 tr, te = z["train"], z["test"]
-                ds = Dataset(tr, tr, te, te)
+                if tr.ndim != 2 or te.ndim != 2 or tr.shape[1] < 2:
+                    raise BadDataset("train and test must be 2-D integer arrays of token windows [N, T+1]")
+                ds = Dataset(tr[:, :-1], tr[:, 1:], te[:, :-1], te[:, 1:])
             else:
                 raise BadDataset(
                     f"the .npz holds {sorted(keys)}; it needs x_train, y_train, x_test, y_test "

@@ -133,3 +133,19 @@ def topk_accuracy(logits: np.ndarray, y: np.ndarray, k: int) -> float:
     k = min(k, logits.shape[1])
     top = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
     return float((top == y[:, None]).any(axis=1).mean())
+
+
+def lm_metrics(logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Next-token metrics of [N, T, V] logits against [N, T] targets (natural-log loss;
+    bits per token = bits per character for character data)."""
+    flat = logits.reshape(-1, logits.shape[-1]).astype(np.float64)
+    target = y.reshape(-1)
+    flat -= flat.max(axis=1, keepdims=True)
+    log_probs = flat - np.log(np.exp(flat).sum(axis=1, keepdims=True))
+    nll = float(-log_probs[np.arange(len(target)), target].mean())
+    return {
+        "loss_nats": nll,
+        "bits_per_token": nll / float(np.log(2)),
+        "perplexity": float(np.exp(nll)),
+        "next_token_accuracy": float((flat.argmax(axis=1) == target).mean()),
+    }

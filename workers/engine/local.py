@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="the trained model, an .onnx file")
     p.add_argument("--data", type=Path, required=True, help=".npz (x_train, y_train, x_test, y_test) or an image-folder zip/tar")
     p.add_argument("--method", default="l1_norm", help="pruning method (see `prunery methods`); default l1_norm")
+    p.add_argument("--task", choices=["classification", "language_modeling"], help="default: classification (or the --spec's)")
     tgt = p.add_mutually_exclusive_group(required=False)
     tgt.add_argument("--target-flops", type=float, help="fraction of MACs to keep, e.g. 0.5")
     tgt.add_argument("--target-params", type=float, help="fraction of parameters to keep")
@@ -103,6 +104,8 @@ def build_spec(args: argparse.Namespace):
     if args.max_accuracy_drop is not None:
         body["gates"] = {"max_accuracy_drop": args.max_accuracy_drop}
     body["seed"] = args.seed
+    if args.task:
+        body["task"] = args.task
     try:
         return JobSpec.model_validate(body)
     except ValidationError as exc:

@@ -32,7 +32,7 @@ from workers.engine import graph, load, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
-from workers.errors import BadDataset, NotApplicable
+from workers.errors import BadDataset, BadSpec, NotApplicable
 from workers.methods import catalog
 
 ProgressFn = Callable[[str, float, str | None], None]
@@ -129,10 +129,9 @@ def run(
     np.random.seed(spec.seed % 2**32)
     dev = train.pick_device(device)
     report_progress("load", 0.0, "checking the spec")
-    if spec.task != "classification":
-        raise NotApplicable(
-            f"task {spec.task!r} is not supported by this engine version yet; use 'classification'"
-        )
+    lm = spec.task == "language_modeling"
+    if lm and spec.gates.max_accuracy_drop is not None:
+        raise BadSpec("gates.max_accuracy_drop applies to classification; language models report bits per token and perplexity")
     info, params, method = _instantiate(spec)
 
     # ---------------------------------------------------------------- load
@@ -141,7 +140,8 @@ def run(
         image_size=spec.data.image_size, grayscale=spec.data.grayscale, mean=spec.data.mean, std=spec.data.std,
     )
     report_progress("load", 0.3, f"dataset: {len(ds.x_train)} train / {len(ds.x_test)} test samples")
-    loaded = load.load(Path(model_path), ds.sample_shape, max_bytes=max_model_bytes, seed=spec.seed)
+    vocab = ds.vocab_size if lm else None
+    loaded = load.load(Path(model_path), ds.sample_shape, max_bytes=max_model_bytes, seed=spec.seed, input_high=vocab)
     catalog.check_applicable(spec.method.name, checks.summarize(loaded.onnx_model, loaded.file_bytes), spec.task)
     notes.extend(loaded.notes)
     data = train.TensorData.from_numpy(ds)
@@ -150,9 +150,14 @@ def run(
     example = data.x_train[:1].clone()
     with torch.no_grad():
         out = loaded.module(example)
-    if out.dim() != 2:
+    if lm:
+        if out.dim() != 3 or out.shape[1] != example.shape[1]:
+            raise BadDataset(f"language modelling needs logits of shape [batch, tokens, vocab]; the model outputs {list(out.shape)}")
+        if out.shape[2] < vocab:
+            raise BadDataset(f"the token ids go up to {vocab - 1} but the model's vocabulary has {out.shape[2]} entries")
+    elif out.dim() != 2:
         raise BadDataset(f"classification needs logits of shape [batch, classes]; the model outputs {list(out.shape)}")
-    if out.shape[1] < ds.num_classes:
+    elif out.shape[1] < ds.num_classes:
         raise BadDataset(
             f"the labels go up to class {ds.num_classes - 1} but the model outputs {out.shape[1]} classes; "
             "check that the dataset belongs to this model"
@@ -233,7 +238,9 @@ def run(
     begin("verify")
     session = load.ort_session(pruned_bytes)
     worst_diff, worst_rel = 0.0, 0.0
-    probes = [data.x_test[:64].numpy()] + [load.random_input([4, *ds.sample_shape], np.float32, spec.seed + k) for k in range(2)]
+    probes = [data.x_test[:64].numpy()] + [
+        load.random_input([4, *ds.sample_shape], loaded.input_dtype, spec.seed + k, vocab) for k in range(2)
+    ]
     for x in probes:
         diff, rel = load.parity(pruned, session, loaded.input_name, x)
         worst_diff, worst_rel = max(worst_diff, diff), max(worst_rel, rel)
@@ -250,15 +257,20 @@ def run(
     x_test = data.x_test.numpy()
     logits_before = export_mod.onnx_predict(base_bytes, loaded.input_name, x_test)
     logits_after = export_mod.onnx_predict(pruned_bytes, loaded.input_name, x_test)
-    acc_b, acc_a = export_mod.topk_accuracy(logits_before, y, 1), export_mod.topk_accuracy(logits_after, y, 1)
-    classes = logits_before.shape[1]
-    top5 = classes >= 5
-    accuracy = AccuracyResult(
-        before=acc_b, after=acc_a, drop=(acc_b - acc_a) * 100.0,
-        top5_before=export_mod.topk_accuracy(logits_before, y, 5) if top5 else None,
-        top5_after=export_mod.topk_accuracy(logits_after, y, 5) if top5 else None,
-        samples=len(y),
-    )
+    metrics: dict[str, BeforeAfter] = {}
+    accuracy: AccuracyResult | None = None
+    if lm:
+        lb, la = export_mod.lm_metrics(logits_before, y), export_mod.lm_metrics(logits_after, y)
+        metrics = {k: BeforeAfter(before=lb[k], after=la[k]) for k in lb}
+    else:
+        acc_b, acc_a = export_mod.topk_accuracy(logits_before, y, 1), export_mod.topk_accuracy(logits_after, y, 1)
+        top5 = logits_before.shape[1] >= 5
+        accuracy = AccuracyResult(
+            before=acc_b, after=acc_a, drop=(acc_b - acc_a) * 100.0,
+            top5_before=export_mod.topk_accuracy(logits_before, y, 5) if top5 else None,
+            top5_after=export_mod.topk_accuracy(logits_after, y, 5) if top5 else None,
+            samples=len(y),
+        )
     latencies: list[LatencyResult] = []
     for i, bs in enumerate(LATENCY_BATCHES):
         report_progress("verify", 0.6 + 0.35 * i / len(LATENCY_BATCHES), f"latency at batch {bs}")
@@ -304,7 +316,7 @@ def run(
             macs_before=int(base_costs.per_layer.get(name, 0)), macs_after=int(after_costs.per_layer.get(name, 0)),
         ))
     gates: list[GateResult] = []
-    if spec.gates.max_accuracy_drop is not None:
+    if spec.gates.max_accuracy_drop is not None and accuracy is not None:
         gates.append(GateResult(
             name="max_accuracy_drop", limit=spec.gates.max_accuracy_drop, value=accuracy.drop,
             passed=accuracy.drop <= spec.gates.max_accuracy_drop,
@@ -324,6 +336,7 @@ def run(
         macs=BeforeAfter(before=cost_before.macs, after=cost_after.macs),
         params=BeforeAfter(before=cost_before.params, after=cost_after.params),
         accuracy=accuracy,
+        metrics=metrics,
         latency_ms=latencies,
         file_bytes=BeforeAfter(before=len(base_bytes), after=len(pruned_bytes)),
         parity={"max_abs_diff": worst_diff, "max_rel_diff": worst_rel, "load_rel_diff": loaded.parity_rel},

@@ -31,7 +31,9 @@ class TensorData:
     @classmethod
     def from_numpy(cls, ds) -> TensorData:
         def x(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) if np.issubdtype(a.dtype, np.floating) else torch.from_numpy(np.ascontiguousarray(a))
+            if np.issubdtype(a.dtype, np.floating):
+                return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
         return cls(x(ds.x_train), torch.from_numpy(ds.y_train.astype(np.int64)), x(ds.x_test), torch.from_numpy(ds.y_test.astype(np.int64)))
 
@@ -41,6 +43,14 @@ class TensorData:
         for i in range(0, len(x), batch_size):
             idx = order[i : i + batch_size]
             yield x[idx], y[idx]
+
+
+def task_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification ([B, C] vs [B]) and language modelling
+    ([B, T, V] vs [B, T], next-token)."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(logits, y)
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -111,7 +121,7 @@ def train(
         for xb, yb in data.batches(batch_size, gen):
             xb, yb = xb.to(device), yb.to(device)
             logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
+            loss = task_loss(logits, yb)
             if extra_loss is not None:
                 loss = loss + extra_loss(model, xb, yb, logits)
             if not torch.isfinite(loss):
@@ -145,12 +155,13 @@ def distillation_loss(teacher: nn.Module, alpha: float, temperature: float) -> C
     def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             t_logits = teacher(x)
+        v = logits.shape[-1]
         kd = F.kl_div(
-            F.log_softmax(logits / temperature, dim=-1),
-            F.softmax(t_logits / temperature, dim=-1),
+            F.log_softmax(logits.reshape(-1, v) / temperature, dim=-1),
+            F.softmax(t_logits.reshape(-1, v) / temperature, dim=-1),
             reduction="batchmean",
         ) * (temperature**2)
-        return alpha * kd - alpha * F.cross_entropy(logits, y)
+        return alpha * kd - alpha * task_loss(logits, y)
 
     return loss
 
