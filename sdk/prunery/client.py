@@ -539,3 +539,263 @@ class _Stream:
     def __exit__(self, *exc: Any) -> None:
         if self.response is not None:
             self.response.close()
+
+
+# ---------------------------------------------------------------- async twin
+
+
+class AsyncJob(Job):
+    """A Job whose network methods are coroutines (from AsyncClient)."""
+
+    _aclient: AsyncClient | None = PrivateAttr(default=None)
+
+    def _abind(self, client: AsyncClient) -> AsyncJob:
+        self._aclient = client
+        return self
+
+    @property
+    def aclient(self) -> AsyncClient:
+        if self._aclient is None:
+            raise ConfigError("this AsyncJob is not bound to an AsyncClient")
+        return self._aclient
+
+    async def refresh(self) -> AsyncJob:  # type: ignore[override]
+        return self._update(await self.aclient.jobs.get(self.id))  # type: ignore[return-value]
+
+    async def cancel(self) -> AsyncJob:  # type: ignore[override]
+        return self._update(await self.aclient.jobs.cancel(self.id))  # type: ignore[return-value]
+
+    async def report(self) -> Report:  # type: ignore[override]
+        return await self.aclient.jobs.report(self.id)
+
+    async def download(
+        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+    ) -> dict[str, Path]:  # type: ignore[override]
+        return await self.aclient.jobs.download(self.id, directory, names)
+
+    async def wait(  # type: ignore[override]
+        self,
+        progress: bool = False,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        raise_on_failure: bool = True,
+    ) -> AsyncJob:
+        import asyncio
+
+        bar = _ProgressBar(self.id) if progress else None
+        start = time.monotonic()
+        try:
+            while True:
+                await self.refresh()
+                if bar:
+                    bar.update(self)
+                if self.done:
+                    break
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise WaitTimeout(self, timeout)
+                await asyncio.sleep(poll_interval)
+        finally:
+            if bar:
+                bar.close()
+        if raise_on_failure and self.status == "cancelled":
+            raise JobCancelled(self)
+        if raise_on_failure and self.status == "failed":
+            raise JobFailed(self)
+        return self
+
+
+class _AsyncUploads:
+    path = "/v1/models"
+    resource: type[_Resource] = Model
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def upload(self, path: str | os.PathLike[str], **fields: str) -> Any:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+
+        def files() -> dict[str, Any]:
+            # httpx's async client needs the bytes of a sync file; uploads through the async
+            # client are read in full, the sync Client streams from disk.
+            return {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+
+        data = {k: str(v) for k, v in fields.items() if v is not None}
+        body = await self._client.request(
+            "POST", self.path, files=files, data=data, idempotent=True
+        )
+        return self.resource.model_validate(body)
+
+    async def get(self, ident: str) -> Any:
+        return self.resource.model_validate(
+            await self._client.request("GET", f"{self.path}/{ident}")
+        )
+
+    async def delete(self, ident: str) -> None:
+        await self._client.request("DELETE", f"{self.path}/{ident}")
+
+
+class _AsyncDatasets(_AsyncUploads):
+    path = "/v1/datasets"
+    resource = Dataset
+
+
+class _AsyncJobs:
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    def _job(self, body: Any) -> AsyncJob:
+        return AsyncJob.model_validate(body)._abind(self._client)
+
+    async def create(
+        self, spec: JobSpec | dict[str, Any], idempotency_key: str | None = None
+    ) -> AsyncJob:
+        body = (
+            spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec) else spec
+        )
+        headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
+        return self._job(
+            await self._client.request(
+                "POST", "/v1/jobs", json=body, headers=headers, idempotent=True
+            )
+        )
+
+    async def get(self, job_id: str) -> AsyncJob:
+        return self._job(await self._client.request("GET", f"/v1/jobs/{job_id}"))
+
+    async def list(
+        self, status: str | list[str] | None = None, limit: int = 50, offset: int = 0
+    ) -> Page:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if status:
+            params["status"] = [status] if isinstance(status, str) else status
+        body = await self._client.request("GET", "/v1/jobs", params=params)
+        return Page(data=[self._job(d) for d in body["data"]], count=body["count"])
+
+    async def cancel(self, job_id: str) -> AsyncJob:
+        return self._job(
+            await self._client.request("POST", f"/v1/jobs/{job_id}/cancel", idempotent=True)
+        )
+
+    async def report(self, job_id: str) -> Report:
+        return Report.model_validate(await self._client.request("GET", f"/v1/jobs/{job_id}/report"))
+
+    async def download(
+        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+    ) -> dict[str, Path]:
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        for name in names:
+            dest, tmp = out / name, out / f".{name}.part"
+            response = await self._client._send(
+                "GET", f"/v1/jobs/{job_id}/artifacts/{name}", idempotent=True, stream=True
+            )
+            try:
+                with open(tmp, "wb") as fh:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        fh.write(chunk)
+            finally:
+                await response.aclose()
+            os.replace(tmp, dest)
+            paths[name] = dest
+        return paths
+
+
+class AsyncClient:
+    """The asyncio twin of Client (same configuration, retries and errors)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        creds = (
+            load_credentials()
+            if not (base_url or os.environ.get("PRUNERY_URL"))
+            or not (api_key or os.environ.get("PRUNERY_API_KEY"))
+            else {}
+        )
+        self.base_url = (
+            base_url or os.environ.get("PRUNERY_URL") or creds.get("url") or ""
+        ).rstrip("/")
+        api_key = api_key or os.environ.get("PRUNERY_API_KEY") or creds.get("api_key")
+        if not self.base_url:
+            raise ConfigError(
+                "no Prunery server: pass base_url, set PRUNERY_URL, or start one with `prunery serve`"
+            )
+        self.max_retries, self.backoff = max_retries, backoff
+        headers = {"User-Agent": "prunery-sdk/0.1"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            transport=transport,
+        )
+        self.models = _AsyncUploads(self)
+        self.datasets = _AsyncDatasets(self)
+        self.jobs = _AsyncJobs(self)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    _delay = Client._delay
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool | None,
+        stream: bool = False,
+        files: Callable[[], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        import asyncio
+
+        if idempotent is None:
+            idempotent = method in ("GET", "HEAD", "DELETE", "PUT", "OPTIONS")
+        attempt = 0
+        while True:
+            try:
+                request = self._http.build_request(
+                    method, path, files=files() if files else None, **kwargs
+                )
+                response = await self._http.send(request, stream=stream)
+            except httpx.TransportError as exc:
+                if not idempotent or attempt >= self.max_retries:
+                    raise ConnectionFailed(f"{method} {self.base_url}{path}: {exc}") from exc
+                await asyncio.sleep(self._delay(attempt, None))
+                attempt += 1
+                continue
+            if response.status_code in RETRY_STATUSES and idempotent and attempt < self.max_retries:
+                await response.aclose()
+                await asyncio.sleep(self._delay(attempt, response))
+                attempt += 1
+                continue
+            if response.status_code >= 400:
+                await response.aread()
+                raise Client._error(response)
+            return response
+
+    async def request(
+        self, method: str, path: str, *, idempotent: bool | None = None, **kwargs: Any
+    ) -> Any:
+        response = await self._send(method, path, idempotent=idempotent, **kwargs)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()

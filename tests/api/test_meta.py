@@ -178,3 +178,36 @@ def test_database_down_is_503_with_retry_after(make_client):
     assert r.headers["retry-after"] == "5"
     ready = c.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["database"] != "ok"
+
+
+def test_async_client_against_the_app(client, uploaded, tmp_path):
+    import asyncio
+
+    from prunery import AsyncClient
+    from prunery import errors as e
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=client.app)
+        async with AsyncClient("http://testserver", uploaded["key"], transport=transport) as sdk:
+            model = await sdk.models.get(uploaded["model_id"])
+            assert model.id == uploaded["model_id"]
+            job = await sdk.jobs.create(
+                {
+                    "model_id": model.id,
+                    "dataset_id": uploaded["dataset_id"],
+                    "method": {"name": "l1_norm"},
+                    "target": {"flops": 0.5},
+                }
+            )
+            assert job.status == "queued"
+            await job.cancel()
+            with pytest.raises(e.JobCancelled):
+                await job.wait(poll_interval=0.01, timeout=10)
+            page = await sdk.jobs.list(status="cancelled")
+            assert [j.id for j in page.data] == [job.id]
+            with pytest.raises(e.Conflict):
+                await job.report()
+            with pytest.raises(e.NotFound):
+                await sdk.jobs.get("job_nope")
+
+    asyncio.run(scenario())
