@@ -140,8 +140,8 @@ def claim(rt: Runtime, job_id: str) -> tuple[str, dict[str, Any]] | str:
                 s,
                 job,
                 "worker_lost",
-                f"the job was started {job.attempts} times and its worker was lost each time "
-                "(killed, out of memory, or the machine went away); not retrying",
+                f"the worker running this job was lost on attempt {job.attempts} of "
+                f"{job.max_attempts} (killed, out of memory, or the machine went away); not retrying",
             )
             return "failed: attempts exhausted"
         token = uuid.uuid4().hex

@@ -9,15 +9,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
 
 import servicekit  # noqa: E402
-
-REDIS_DB = 14
-SCHEMA = "prunery_api_test"
+from apikit import REDIS_DB, SCHEMA, npz_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -115,23 +112,6 @@ def onnx_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
-def npz_bytes(
-    n_train: int = 40, n_test: int = 10, shape: tuple[int, ...] = (1, 8, 8), seed: int = 0
-) -> bytes:
-    import io
-
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        x_train=rng.random((n_train, *shape), dtype=np.float32),
-        y_train=rng.integers(0, 10, n_train),
-        x_test=rng.random((n_test, *shape), dtype=np.float32),
-        y_test=rng.integers(0, 10, n_test),
-    )
-    return buf.getvalue()
-
-
 @pytest.fixture()
 def uploaded(client, tenant, onnx_bytes) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
     """A tenant with one model and one dataset uploaded."""
@@ -141,15 +121,3 @@ def uploaded(client, tenant, onnx_bytes) -> Iterator[dict[str, str]]:  # type: i
     assert m.status_code == 201, m.text
     assert d.status_code == 201, d.text
     yield {**tenant, "model_id": m.json()["id"], "dataset_id": d.json()["id"]}
-
-
-def job_spec(model_id: str, dataset_id: str, **extra) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    spec = {
-        "model_id": model_id,
-        "dataset_id": dataset_id,
-        "method": {"name": "l1_norm", "params": {}},
-        "target": {"flops": 0.5},
-        "recovery": {"epochs": 1},
-    }
-    spec.update(extra)
-    return spec

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import job_spec
+from apikit import job_spec
 
 PROTECTED = [
     ("GET", "/v1/models"),

@@ -7,7 +7,7 @@ import base64
 import json
 
 import pytest
-from conftest import REDIS_DB, job_spec
+from apikit import REDIS_DB, job_spec
 
 
 def _queue_messages(client) -> list[dict]:
@@ -93,7 +93,7 @@ def test_invalid_specs_are_rejected_with_a_fix(client, uploaded, change, status,
 
 
 def test_shape_mismatch_is_422(client, uploaded):
-    from conftest import npz_bytes
+    from apikit import npz_bytes
 
     h = uploaded["headers"]
     ds = client.post(
@@ -200,7 +200,7 @@ def test_cancel_finished_job_is_409(client, uploaded):
 
 
 def test_too_many_active_jobs_is_429(make_client, new_tenant, onnx_bytes):
-    from conftest import npz_bytes
+    from apikit import npz_bytes
 
     c = make_client(max_active_jobs_per_tenant=2)
     h = new_tenant()["headers"]

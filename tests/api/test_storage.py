@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import npz_bytes
+from apikit import npz_bytes
 
 
 def test_local_put_is_atomic_and_keys_are_checked(tmp_path):

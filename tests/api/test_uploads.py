@@ -7,7 +7,7 @@ import io
 import zipfile
 
 import numpy as np
-from conftest import job_spec, npz_bytes
+from apikit import job_spec, npz_bytes
 
 
 def test_model_upload_describes_the_graph(client, tenant, onnx_bytes):

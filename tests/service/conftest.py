@@ -13,9 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import servicekit  # noqa: E402
-
-REDIS_DB = 15
-SCHEMA = "prunery_service_test"
+from e2ekit import REDIS_DB, SCHEMA  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +33,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
         broker_folder=root / "broker",
         job_queue="gpu-service-test",
         control_queue="control-service-test",
-        heartbeat_interval_s=0.5,
-        heartbeat_timeout_s=4.0,
+        heartbeat_interval_s=1.0,
+        heartbeat_timeout_s=10.0,
         reaper_interval_s=1.0,
         requeue_queued_after_s=8.0,
         max_attempts=2,
@@ -93,27 +91,3 @@ def uploaded(sdk, digits) -> dict:  # type: ignore[type-arg]
         "model": sdk.models.upload(digits["model"]),
         "data": sdk.datasets.upload(digits["data"]),
     }
-
-
-def spec(uploaded: dict, **extra) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    body = {
-        "model_id": uploaded["model"].id,
-        "dataset_id": uploaded["data"].id,
-        "method": {"name": "l1_norm"},
-        "target": {"flops": 0.5},
-        "recovery": {"epochs": 1, "batch_size": 64},
-    }
-    body.update(extra)
-    return body
-
-
-def wait_for(predicate, timeout: float = 120.0, interval: float = 0.2):  # type: ignore[no-untyped-def]
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")

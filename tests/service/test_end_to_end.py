@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import servicekit
-from conftest import spec
+from e2ekit import spec
 
 pytestmark = pytest.mark.service
 
