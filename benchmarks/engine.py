@@ -1,7 +1,7 @@
 """Benchmark: Prunery's engine against Torch-Pruning used directly, over the test model zoo.
 
     .venv/bin/python benchmarks/engine.py [--models a,b] [--epochs 3] [--target 0.5] [--runs 30]
-                                          [--round-to 8] [--cache-dir DIR]
+                                          [--round-to 8] [--ort-threads 1] [--cache-dir DIR]
 
 For every zoo model (sklearn digits, exported at opset 17) it runs
 
@@ -12,7 +12,10 @@ For every zoo model (sklearn digits, exported at opset 17) it runs
             `pruning_ratio` (binary-searched so the MACs keep ~T), the classifier ignored,
             then the same fine-tune, export and onnxruntime measurements as the engine.
 
-and prints one Markdown table. A benchmark, not a test: it never asserts.
+and prints one Markdown table. A benchmark, not a test: failures become table cells.
+About a minute on 2 idle cores with a warm zoo cache; training the zoo (a cold cache, or
+after tests/zoo.py changes) adds a few minutes. Latencies are noisy on a shared machine:
+`--ort-threads 1 --runs 100` gives steadier ratios.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ sys.path.insert(0, str(ROOT))  # `tests.zoo` lives in the repo, not in an instal
 import onnx  # noqa: E402
 import torch  # noqa: E402
 import torch_pruning as tp  # noqa: E402
-from prunery.report import Report  # noqa: E402
-from prunery.spec import JobSpec  # noqa: E402
 from torch import nn  # noqa: E402
 
+from prunery.report import Report  # noqa: E402
+from prunery.spec import JobSpec  # noqa: E402
 from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz  # noqa: E402
 from workers import datasets  # noqa: E402
 from workers.engine import export as export_mod  # noqa: E402
@@ -51,7 +54,6 @@ from workers.engine import train as train_mod  # noqa: E402
 from workers.engine.flops import onnx_costs, torch_costs  # noqa: E402
 from workers.engine.pipeline import LATENCY_BATCHES, _dynamic_batch, run  # noqa: E402
 
-SAMPLE_SHAPE = (1, 8, 8)
 STAGES = ("load", "analyse", "prune", "recover", "export", "verify")
 SEED = 0
 # Recovery settings shared by both sides: the engine's Recovery defaults, stated explicitly
@@ -110,8 +112,8 @@ def bench_prunery(name: str, model_path: Path, data_path: Path, args: argparse.N
     row.wall = time.perf_counter() - t0
     row.macs_kept = report.macs.ratio
     row.speedup = {lat.batch_size: lat.speedup for lat in report.latency_ms}
-    assert report.accuracy is not None  # classification always reports it
-    row.acc_before, row.acc_after, row.drop = report.accuracy.before, report.accuracy.after, report.accuracy.drop
+    if report.accuracy is not None:  # always there for classification
+        row.acc_before, row.acc_after, row.drop = report.accuracy.before, report.accuracy.after, report.accuracy.drop
     row.stages = {s: report.stage_seconds.get(s, 0.0) for s in STAGES}
     if not report.target.met:
         row.note = f"target missed ({report.target.achieved:.3f})"
