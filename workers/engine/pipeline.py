@@ -96,6 +96,38 @@ def _dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _width(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    if hasattr(module, "out_channels"):
+        return int(module.out_channels)
+    if hasattr(module, "out_features"):
+        return int(module.out_features)
+    children = [m for m in module.modules() if hasattr(m, "out_features") or hasattr(m, "out_channels")]
+    return _width(children[-1]) if children else 0
+
+
+def _layer_rows(original: torch.nn.Module, pruned: torch.nn.Module, macs_before: dict[str, int], macs_after: dict[str, int]) -> list[LayerRow]:
+    """Per Conv/Linear layer of the original: output width and MACs before → after. A layer
+    the method replaced by several (a factorised Linear) is summed under its old name."""
+    rows: list[LayerRow] = []
+    new_modules = dict(pruned.named_modules())
+    for name, mod in original.named_modules():
+        if not isinstance(mod, graph.PRUNABLE_ROOTS):
+            continue
+        new = new_modules.get(name)
+        op = type(mod).__name__
+        if new is not None and not isinstance(new, graph.PRUNABLE_ROOTS):
+            ranks = [m.out_features for m in new.modules() if isinstance(m, torch.nn.Linear)][:-1]
+            op = f"{op} → {type(new).__name__}" + (f" (rank {ranks[0]})" if ranks else "")
+        after = sum(v for k, v in macs_after.items() if k == name or k.startswith(name + "."))
+        rows.append(LayerRow(
+            name=name, op=op, channels_before=_width(mod), channels_after=_width(new),
+            macs_before=int(macs_before.get(name, 0)), macs_after=int(after),
+        ))
+    return rows
+
+
 def run(
     spec: JobSpec,
     model_path: Path | str,
@@ -303,18 +335,7 @@ def run(
             f"versus {requested} requested: the nearest reachable width (round_to={spec.export.round_to}) is outside the tolerance"
         )
     after_costs = torch_costs(pruned, example)
-    layers: list[LayerRow] = []
-    pruned_modules = dict(pruned.named_modules())
-    for name, mod in loaded.module.named_modules():
-        if not isinstance(mod, graph.PRUNABLE_ROOTS):
-            continue
-        new = pruned_modules.get(name)
-        ch_b = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
-        ch_a = (new.out_channels if hasattr(new, "out_channels") else new.out_features) if new is not None else 0
-        layers.append(LayerRow(
-            name=name, op=type(mod).__name__, channels_before=int(ch_b), channels_after=int(ch_a),
-            macs_before=int(base_costs.per_layer.get(name, 0)), macs_after=int(after_costs.per_layer.get(name, 0)),
-        ))
+    layers = _layer_rows(loaded.module, pruned, base_costs.per_layer, after_costs.per_layer)
     gates: list[GateResult] = []
     if spec.gates.max_accuracy_drop is not None and accuracy is not None:
         gates.append(GateResult(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from workers.checks import ModelSummary
 from workers.errors import BadSpec, NotApplicable
@@ -158,13 +158,257 @@ register(
 # (network_slimming, thinet, channel_regression are registered below this line)
 
 
+class NetworkSlimmingParams(MethodParams):
+    s: float = Field(
+        default=1e-4, ge=0.0, le=1.0,
+        description="L1 strength: s * sign(gate) is added to every gate's gradient "
+        "(paper: 1e-4 for VGG, 1e-5 for ResNet/DenseNet)",
+    )
+    sparsity_epochs: int = Field(
+        default=3, ge=0, le=1000,
+        description="epochs of sparsity training (all weights and the gates) before the global threshold",
+    )
+
+
+class ThiNetParams(MethodParams):
+    samples_per_image: int = Field(
+        default=10, ge=1, le=1000,
+        description="random (output channel, position) samples of each consuming layer per image (authors: 10)",
+    )
+    calibration_images: int = Field(
+        default=256, ge=8, le=256, description="training images the samples are drawn from"
+    )
+    rescale: bool = Field(
+        default=True,
+        description="least-squares rescale of the consuming layer's kept input channels, w = (X^T X)^-1 X^T y",
+    )
+    finetune_between_layers: int = Field(
+        default=0, ge=0, le=100,
+        description="epochs of fine-tuning after each layer is pruned (authors: about 1; 0 = off)",
+    )
+
+
+class ChannelRegressionParams(MethodParams):
+    samples: int = Field(
+        default=400, ge=16, le=100_000,
+        description="sampled positions of each consuming layer's output for the LASSO (authors: <= 400)",
+    )
+    alpha0: float = Field(
+        default=1e-3, gt=0.0, le=10.0,
+        description="initial LASSO penalty, doubled until at most the target channel count survives, "
+        "then binary-searched to land on it",
+    )
+    calibration_images: int = Field(
+        default=256, ge=8, le=256,
+        description="training images whose positions feed the least-squares reconstruction",
+    )
+
+
+register(
+    MethodInfo(
+        name="network_slimming",
+        summary="Sparsity-train per-channel scale gates (L1 subgradient), remove every channel under "
+        "one global gate threshold chosen to meet the budget, fold the gates into the weights.",
+        paper="Liu, Li, Shen, Huang, Yan, Zhang. Learning Efficient Convolutional Networks through "
+        "Network Slimming. ICCV 2017. arXiv:1708.06519",
+        params=NetworkSlimmingParams,
+        implementation="workers.methods.network_slimming:NetworkSlimming",
+        applies=needs_prunable_layers,
+    )
+)
+
+register(
+    MethodInfo(
+        name="thinet",
+        summary="Layer by layer, greedily remove the channels whose removal least disturbs the next "
+        "layer's sampled outputs, then rescale that layer's kept inputs by least squares.",
+        paper="Luo, Wu, Lin. ThiNet: A Filter Level Pruning Method for Deep Neural Network "
+        "Compression. ICCV 2017. arXiv:1707.06342",
+        params=ThiNetParams,
+        implementation="workers.methods.thinet:ThiNet",
+        applies=needs_prunable_layers,
+    )
+)
+
+register(
+    MethodInfo(
+        name="channel_regression",
+        summary="Layer by layer, select channels by LASSO regression on their contributions to the "
+        "next layer's sampled outputs, then reconstruct that layer's weights by least squares.",
+        paper="He, Zhang, Sun. Channel Pruning for Accelerating Very Deep Neural Networks. ICCV 2017. "
+        "arXiv:1707.06168",
+        params=ChannelRegressionParams,
+        implementation="workers.methods.channel_regression:ChannelRegression",
+        applies=needs_prunable_layers,
+    )
+)
+
+
 # ------------------------------------------------------------------ learned architectures (issue 5)
 # (pruning_from_scratch, tas are registered below this line)
+
+
+class PruningFromScratchParams(MethodParams):
+    lambda_: float = Field(
+        default=0.5, ge=0.0, alias="lambda",
+        description="weight of the sparsity term lambda * (mean|g| - r)^2 added to the cross-entropy",
+    )
+    sparsity_level: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="r: the mean gate value the gates are pulled towards"
+    )
+    gate_epochs: int = Field(default=10, ge=1, le=200, description="epochs of gate learning (weights frozen)")
+    gate_lr: float = Field(default=0.01, gt=0.0, le=1.0, description="Adam learning rate of the gates")
+    expand: float = Field(
+        default=1.0, ge=1.0, le=4.0,
+        description="width multiplier applied (by repeating channels) before gate learning; "
+        "final widths are capped at the original",
+    )
+
+
+class TASParams(MethodParams):
+    width_candidates: list[float] = Field(
+        default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], min_length=2,
+        description="candidate widths of every prunable group, as fractions of its channels",
+    )
+    tau_start: float = Field(default=5.0, gt=0.0, description="Gumbel-softmax temperature at the start (annealed)")
+    tau_end: float = Field(default=0.1, gt=0.0, description="Gumbel-softmax temperature at the end")
+    search_epochs: int = Field(default=10, ge=1, le=500, description="epochs of the alternating search")
+    flop_weight: float = Field(default=2.0, ge=0.0, description="weight of the FLOPs loss in the architecture loss")
+    kd_alpha: float = Field(default=0.9, ge=0.0, le=1.0, description="distillation weight during recovery")
+    kd_temperature: float = Field(default=4.0, gt=0.0, description="distillation temperature during recovery")
+    arch_lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate of the width distributions")
+    weight_lr: float = Field(default=0.01, gt=0.0, description="SGD (momentum 0.9) learning rate of the weights during search")
+    flop_tolerance: float = Field(
+        default=0.05, ge=0.0, lt=1.0,
+        description="no FLOPs loss while the argmax architecture is under budget by at most this fraction of the target",
+    )
+
+    @field_validator("width_candidates")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < f <= 1.0 for f in v):
+            raise ValueError("width candidates are fractions of a layer's channels in (0, 1]")
+        return sorted(set(v))
+
+
+register(
+    MethodInfo(
+        name="pruning_from_scratch",
+        summary="Learn channel gates on randomly initialised, frozen weights; keep the global "
+        "top gates to meet the budget and train the architecture from scratch.",
+        paper="Wang, Zhang, Zhang, Chang, Wang, Huang. Pruning from Scratch. AAAI 2020. arXiv:1909.12579",
+        params=PruningFromScratchParams,
+        implementation="workers.methods.pruning_from_scratch:PruningFromScratch",
+        applies=needs_prunable_layers,
+    )
+)
+
+register(
+    MethodInfo(
+        name="tas",
+        summary="Transformable Architecture Search: learn a distribution over widths per layer "
+        "(Gumbel-softmax, shared weights, channel-wise interpolation, expected-FLOPs loss), take "
+        "the argmax widths and recover with distillation from the original model.",
+        paper="Dong, Yang. Network Pruning via Transformable Architecture Search. NeurIPS 2019. arXiv:1905.09717",
+        params=TASParams,
+        implementation="workers.methods.tas:TAS",
+        applies=needs_prunable_layers,
+    )
+)
 
 
 # ------------------------------------------------------------------ robust and dynamic (issue 6)
 # (anp, sanp are registered below this line)
 
 
+class AnpParams(MethodParams):
+    beta: float = Field(default=1.0, ge=0.0, le=100.0, description="Weight of the KL term (divided by the training-set size).")
+    lambda_vs: float = Field(default=1e-4, ge=0.0, le=10.0, description="Weight of the latent vulnerability-suppression loss.")
+    epsilon: float = Field(default=0.03, gt=0.0, le=1.0, description="PGD/FGSM L∞ radius as a fraction of the data's value range (0.03 on [0, 1] CIFAR inputs).")
+    pgd_step_size: float = Field(default=0.007, gt=0.0, le=1.0, description="PGD step, as a fraction of the data's value range.")
+    pgd_steps: int = Field(default=10, ge=1, le=100, description="PGD steps while learning the masks (and in adversarial fine-tuning).")
+    eval_pgd_steps: int = Field(default=10, ge=1, le=200, description="PGD steps of the robustness evaluation in the report.")
+    mask_epochs: int = Field(default=5, ge=1, le=200, description="Epochs of adversarial mask (and weight) training before pruning.")
+    mask_lr: float = Field(default=0.02, gt=0.0, le=1.0, description="Adam learning rate of the mask parameters (softplus a, b).")
+    temperature: float = Field(default=0.1, gt=0.0, le=10.0, description="Relaxed-Bernoulli temperature in training.")
+    prior_alpha: float = Field(default=1e-4, gt=0.0, le=1.0, description="α of the Beta(α, 1) prior on the keep probabilities.")
+    threshold: float = Field(default=1e-3, gt=0.0, lt=1.0, description="E[π] below which the paper drops a channel (reported; the budget decides the cut).")
+    allocation: Allocation = Field(default="global", description="How E[π] ranks channels for removal; global lets layers lose different fractions.")
+    adversarial_finetune: bool = Field(default=False, description="Recover on (CE_clean + 2·CE_PGD)/3 instead of clean CE only.")
+
+
+class SanpParams(MethodParams):
+    epochs: int = Field(default=5, ge=1, le=200, description="Epochs of joint training (backbone + Saliency-and-Pruning Modules).")
+    cost_weight: float = Field(default=20.0, ge=0.0, le=1e4, description="Weight of the squared gap between the batch's mean MACs fraction and the target.")
+    spm_lr: float = Field(default=0.01, gt=0.0, le=1.0, description="Adam learning rate of the modules.")
+    hidden_ratio: float = Field(default=0.25, gt=0.0, le=4.0, description="Hidden width of each module's FC as a fraction of the layer's channels (at least 4).")
+    noise: bool = Field(default=False, description="Logistic noise on the saliency logits during joint training (Gumbel-sigmoid straight-through) instead of the deterministic straight-through estimator.")
+    calibrate: bool = Field(default=True, description="Set the decision threshold on the training inputs so the mean MACs meet the budget (after training and after recovery).")
+
+
+def needs_prunable_conv(summary: ModelSummary, task: str) -> str | None:
+    return needs_conv(summary, task) or needs_prunable_layers(summary, task)
+
+
+register(
+    MethodInfo(
+        name="anp",
+        summary="Adversarial Neural Pruning: beta-Bernoulli channel masks learned on PGD examples with "
+        "latent vulnerability suppression; channels with the lowest E[π] are removed to the budget. "
+        "The report adds clean/FGSM/PGD accuracy before and after.",
+        paper="Madaan, Shin, Hwang. Adversarial Neural Pruning with Latent Vulnerability Suppression. ICML 2020. arXiv:1908.04355",
+        params=AnpParams,
+        implementation="workers.methods.anp:ANP",
+        applies=needs_prunable_layers,
+    )
+)
+
+register(
+    MethodInfo(
+        name="sanp",
+        summary="Self-Adaptive Network Pruning: a Saliency-and-Pruning Module per conv group predicts "
+        "per-sample channel keep/skip decisions; the exported graph is dynamic and the report gives "
+        "the measured mean MACs over the evaluation set.",
+        paper="Chen, Zhu, Li, Zhao. Self-Adaptive Network Pruning. ICONIP 2019. arXiv:1910.08906",
+        params=SanpParams,
+        implementation="workers.methods.sanp:SANP",
+        applies=needs_prunable_conv,
+    )
+)
+
+
 # ------------------------------------------------------------------ language models (issue 6)
 # (flop is registered below this line)
+
+
+class FlopParams(MethodParams):
+    epochs: int = Field(default=3, ge=1, le=1000, description="L0 training epochs (gates, weights and multipliers together)")
+    lr: float = Field(default=1e-3, gt=0, description="learning rate of the weights (P, Q, the rest of the model)")
+    gate_lr: float = Field(default=2e-2, gt=0, description="learning rate (Adam) of the gates' log-alpha")
+    lambda_lr: float = Field(default=0.2, gt=0, description="step of the plain gradient ascent on the Lagrange multipliers")
+    temperature: float = Field(default=1.0, gt=0, description="hard-concrete temperature")
+    init_mean: float = Field(default=0.5, gt=0, lt=1, description="initial deterministic gate value")
+    warmup_fraction: float = Field(default=0.5, ge=0, le=1, description="share of the steps over which the target sparsity ramps up from 0")
+    include_head: bool = Field(default=False, description="also factorise the output layer (logits)")
+    min_rank: int = Field(default=1, ge=1, description="components always kept per factorised layer")
+
+
+def needs_linear(summary: ModelSummary, task: str) -> str | None:
+    if not {"Gemm", "MatMul"} & set(summary.op_histogram):
+        return "the graph has no Gemm or MatMul (Linear) layer to factorise"
+    return None
+
+
+register(
+    MethodInfo(
+        name="flop",
+        summary="Factorise every Linear from its SVD as P diag(z) Q with hard-concrete L0 gates on the "
+        "rank-one components, control the expected size with an augmented Lagrangian, keep the largest "
+        "gates and compile each Linear into two smaller dense ones.",
+        paper="Wang, Wohlwend, Lei. Structured Pruning of Large Language Models. EMNLP 2020. arXiv:1910.04732",
+        params=FlopParams,
+        implementation="workers.methods.flop:Flop",
+        tasks=("classification", "language_modeling"),
+        applies=needs_linear,
+    )
+)
