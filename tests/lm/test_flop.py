@@ -133,3 +133,16 @@ def test_flop_is_not_applicable_without_linear_layers():
     summary = ModelSummary(opset=17, inputs=[], outputs=[], op_histogram={"Conv": 3, "Relu": 3}, parameter_count=10, file_bytes=10)
     with pytest.raises(NotApplicable, match="no Gemm or MatMul"):
         catalog.check_applicable("flop", summary, "classification")
+
+
+def test_truncated_svd_baseline_meets_the_budget():
+    ctx, _ = _mlp_context(0.4)
+    from workers.methods.catalog import SvdParams
+    from workers.methods.flop import TruncatedSVD
+
+    result = TruncatedSVD(SvdParams()).run(ctx)
+    kept = torch_costs(result.model, ctx.example).params / ctx.base_costs.params
+    assert abs(kept - 0.4) <= 0.01
+    ranks = result.details["ranks"]
+    fractions = [r["kept"] / r["full"] for r in ranks.values()]
+    assert max(fractions) - min(fractions) <= 0.1  # the same rank fraction per layer

@@ -154,23 +154,23 @@ def search(
     best_plan = plan_of(chunks[:best_n])
     if abs(kept - target) > tolerance and hi > lo:
         # Coarse chunks (round_to, tiny layers) can straddle the target. Try the prefix
-        # plus the *next* chunk of each group instead of the next chunk in the order:
-        # groups cost different amounts, so one of them usually lands closer.
-        taken: dict[str, int] = {}
-        for ch in chunks[:lo]:
-            taken[ch.group] = taken.get(ch.group, 0) + 1
-        seen: dict[str, int] = {}
+        # plus the *next* chunk of another group instead of the next chunk in the order.
+        # A variant is taken only when it lands within the tolerance: jumping ahead in the
+        # order bends the allocation (uniform stops being uniform), which costs accuracy,
+        # and is not worth it merely to get closer.
+        seen: set[str] = set()
         for j, ch in enumerate(chunks[lo:], start=lo):
-            seen[ch.group] = seen.get(ch.group, 0) + 1
-            if seen[ch.group] != 1 or j == lo:
+            if ch.group in seen:
+                continue
+            seen.add(ch.group)
+            if j == lo:
                 continue
             plan = plan_of([*chunks[:lo], ch])
             variant = prune_copy(model, example, plan)
             vcosts = torch_costs(variant, example)
             vkept = kept_fraction(vcosts)
-            if abs(vkept - target) < abs(kept - target):
+            if abs(vkept - target) <= tolerance:
                 kept, pruned, costs, best_plan = vkept, variant, vcosts, plan
-            if abs(kept - target) <= tolerance / 2:
                 break
     return BudgetResult(best_plan, pruned, kept, costs, len(cache))
 

@@ -339,8 +339,8 @@ class AnpParams(MethodParams):
 
 class SanpParams(MethodParams):
     epochs: int = Field(default=5, ge=1, le=200, description="Epochs of joint training (backbone + Saliency-and-Pruning Modules).")
-    cost_weight: float = Field(default=20.0, ge=0.0, le=1e4, description="Weight of the squared gap between the batch's mean MACs fraction and the target.")
-    spm_lr: float = Field(default=0.01, gt=0.0, le=1.0, description="Adam learning rate of the modules.")
+    cost_weight: float = Field(default=5.0, ge=0.0, le=1e4, description="Weight of the squared gap between the batch's mean MACs fraction and the target.")
+    spm_lr: float = Field(default=0.003, gt=0.0, le=1.0, description="Adam learning rate of the modules.")
     hidden_ratio: float = Field(default=0.25, gt=0.0, le=4.0, description="Hidden width of each module's FC as a fraction of the layer's channels (at least 4).")
     noise: bool = Field(default=False, description="Logistic noise on the saliency logits during joint training (Gumbel-sigmoid straight-through) instead of the deterministic straight-through estimator.")
     calibrate: bool = Field(default=True, description="Set the decision threshold on the training inputs so the mean MACs meet the budget (after training and after recovery).")
@@ -408,6 +408,25 @@ register(
         paper="Wang, Wohlwend, Lei. Structured Pruning of Large Language Models. EMNLP 2020. arXiv:1910.04732",
         params=FlopParams,
         implementation="workers.methods.flop:Flop",
+        tasks=("classification", "language_modeling"),
+        applies=needs_linear,
+    )
+)
+
+
+class SvdParams(MethodParams):
+    include_head: bool = Field(default=False, description="also factorise the output layer (logits)")
+    min_rank: int = Field(default=1, ge=1, description="components always kept per factorised layer")
+
+
+register(
+    MethodInfo(
+        name="svd",
+        summary="Truncated SVD of every Linear at the same rank fraction per layer, compiled into two "
+        "dense layers: the low-rank baseline for flop.",
+        paper="Baseline of Wang, Wohlwend, Lei 2020 (FLOP); Denton et al. 2014, Exploiting Linear Structure Within CNNs",
+        params=SvdParams,
+        implementation="workers.methods.flop:TruncatedSVD",
         tasks=("classification", "language_modeling"),
         applies=needs_linear,
     )

@@ -241,19 +241,31 @@ class Flop:
             _set_module(compiled, layer.name, fact.compile(keep[layer.name]))
         return compiled.eval()
 
-    def select(self, ctx: PruneContext, model: nn.Module, layers: list[_Layer]) -> tuple[nn.Module, dict[str, int], float]:
-        """Keep the globally largest gates; binary-search how many so the target is met."""
+    @staticmethod
+    def gate_scores(layers: list[_Layer]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            out = {}
+            for layer in layers:
+                layer.module.eval()
+                out[layer.name] = layer.module.gates() + 1e-6 * torch.sigmoid(layer.module.log_alpha)
+            return out
+
+    def select(
+        self, ctx: PruneContext, model: nn.Module, layers: list[_Layer], scores: dict[str, torch.Tensor] | None = None
+    ) -> tuple[nn.Module, dict[str, int], float]:
+        """Keep the globally highest-scored components (default: the largest gates);
+        binary-search how many so the target is met on the compiled network."""
         target = ctx.spec.target
         metric = (lambda c: c.macs / ctx.base_costs.macs) if target.kind == "flops" else (lambda c: c.params / ctx.base_costs.params)
+        scores = scores if scores is not None else self.gate_scores(layers)
         ranked: list[tuple[float, str, int]] = []
         with torch.no_grad():
             for layer in layers:
-                layer.module.eval()
-                z = layer.module.gates()
+                z = scores[layer.name]
                 order = torch.argsort(z, descending=True, stable=True)
                 # The first min_rank components of each layer are always kept.
                 for pos, k in enumerate(order.tolist()):
-                    score = float("inf") if pos < self.params.min_rank else float(z[k]) + 1e-6 * float(layer.module.log_alpha[k])
+                    score = float("inf") if pos < self.params.min_rank else float(z[k])
                     ranked.append((score, layer.name, k))
         ranked.sort(key=lambda r: -r[0])
 
@@ -313,4 +325,30 @@ class Flop:
                 "kept_fraction_torch_count": achieved,
                 "curve": curve,
             },
+        )
+
+
+class TruncatedSVD(Flop):
+    """The low-rank baseline FLOP is measured against: the same factorisation, no learning —
+    every Linear keeps the same fraction of its largest singular components (found by
+    search so the target is met), then the engine fine-tunes as usual."""
+
+    def run(self, ctx: PruneContext) -> MethodResult:
+        model = ctx.copy_model()
+        layers = self.factorize(ctx, model)
+        self.target_sparsity(ctx, layers)  # refuses an unreachable budget with the reason
+        for layer in layers:
+            with torch.no_grad():
+                layer.module.log_alpha.fill_(20.0)  # deterministic gates = 1: plain SVD
+        # SVD orders components by singular value; score = remaining fraction of the rank,
+        # so the global ranking keeps the same fraction in every layer.
+        scores = {
+            layer.name: 1.0 - torch.arange(layer.module.rank, dtype=torch.float64) / layer.module.rank
+            for layer in layers
+        }
+        compiled, ranks, achieved = self.select(ctx, model, layers, scores)
+        full = {layer.name: layer.module.rank for layer in layers}
+        return MethodResult(
+            compiled,
+            details={"ranks": {k: {"kept": ranks[k], "full": full[k]} for k in ranks}, "kept_fraction_torch_count": achieved},
         )
