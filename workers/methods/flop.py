@@ -153,7 +153,7 @@ class Flop:
                 continue
             if min(mod.in_features, mod.out_features) < 2:
                 continue
-            fact = FactorizedLinear(mod, self.params.temperature, self.params.init_mean)
+            fact = FactorizedLinear(mod, getattr(self.params, "temperature", 1.0), getattr(self.params, "init_mean", 0.5))
             _set_module(model, name, fact)
             weight = rows[name] if ctx.spec.target.kind == "flops" else 1.0
             layers.append(_Layer(name, fact, weight))
