@@ -227,11 +227,11 @@ class JobReporter:
         now = time.monotonic()
         fraction = min(1.0, max(0.0, float(fraction)))
         new_stage = stage != self._stage
-        if not (
-            new_stage
-            or message
-            or now - self._last_write >= self.rt.settings.progress_min_interval_s
-        ):
+        interval = self.rt.settings.progress_min_interval_s
+        # Stage changes are always written; log lines at most 5x as often as plain progress,
+        # so an engine that reports every batch cannot flood the database.
+        since = now - self._last_write
+        if not (new_stage or since >= interval or (message and since >= interval / 5)):
             return
         self._last_write = now
         self._stage = stage
