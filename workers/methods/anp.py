@@ -29,7 +29,12 @@ from workers.engine.method import MethodResult, PruneContext
 from workers.engine.train import TensorData, make_optimizer
 from workers.methods.attacks import Attack, pgd, robust_accuracy
 from workers.methods.catalog import AnpParams
-from workers.methods.channel_maps import GroupChannels, broadcast_factor, channel_dim, group_channels
+from workers.methods.channel_maps import (
+    GroupChannels,
+    broadcast_factor,
+    channel_dim,
+    group_channels,
+)
 
 EULER_GAMMA = 0.5772156649015329
 _EPS = 1e-6
