@@ -42,6 +42,7 @@ def train_digits(out: Path, epochs: int = 20) -> tuple[Path, Path, float]:
     data_path = out / "digits.npz"
     np.savez(data_path, **arrays)
 
+    torch.set_num_threads(1)  # a tiny net: extra threads only contend on small machines
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1),

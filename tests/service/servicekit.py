@@ -113,12 +113,15 @@ def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def train_digits_onnx(
-    path: Path, arrays: dict[str, np.ndarray], epochs: int = 15, width: int = 16
+    path: Path, arrays: dict[str, np.ndarray], epochs: int = 10, width: int = 16
 ) -> float:
     """A small CNN trained on digits, exported to ONNX (dynamic batch). Returns test accuracy."""
     import torch
     from torch import nn
 
+    # One thread: this net is tiny, and on a busy 2-core machine more threads only contend.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1),
@@ -148,6 +151,7 @@ def train_digits_onnx(
         acc = (
             model(torch.from_numpy(arrays["x_test"])).argmax(1).numpy() == arrays["y_test"]
         ).mean()
+    torch.set_num_threads(threads)
     torch.onnx.export(
         model,
         torch.zeros(1, 1, 8, 8),
