@@ -167,6 +167,12 @@ def test_cli_submit_wait_gate_missed_and_failed(stack, digits, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["method"]["name"] == "l1_norm"
     r = _cli(stack, "methods", "--json")
     assert r.returncode == 0 and "l1_norm" in [m["name"] for m in json.loads(r.stdout)]
+    r = _cli(stack, "jobs", "--status", "succeeded", "--json")
+    assert r.returncode == 0 and ok_job in [j["id"] for j in json.loads(r.stdout)["data"]]
+    r = _cli(stack, "events", ok_job, "--follow")
+    assert r.returncode == 0 and "succeeded" in r.stdout.splitlines()[-1]
+    r = _cli(stack, "cancel", ok_job)
+    assert r.returncode == 2 and "already succeeded" in r.stderr
     r = _cli(stack, "download", ok_job, "--out", str(tmp_path / "dl"))
     assert r.returncode == 0 and (tmp_path / "dl" / "model.onnx").is_file()
     assert np.isfinite((tmp_path / "dl" / "model.onnx").stat().st_size)
