@@ -45,16 +45,24 @@ def _check_broker(request: Request) -> None:
         conn.release()
 
 
+def _check_storage(request: Request) -> None:
+    request.app.state.storage.check()
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
     tags=["health"],
-    summary="Database and broker reachable",
+    summary="Database, broker and artifact storage reachable",
     responses={503: {"model": Readiness, "description": "A dependency is down"}},
 )
 async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
-    for name, fn in (("database", _check_db), ("broker", _check_broker)):
+    for name, fn in (
+        ("database", _check_db),
+        ("broker", _check_broker),
+        ("storage", _check_storage),
+    ):
         try:
             await asyncio.wait_for(run_in_threadpool(fn, request), timeout=5)
             checks[name] = "ok"

@@ -28,7 +28,10 @@ def test_healthz_and_readyz(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert r.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
 
 
 def test_readyz_is_503_when_the_broker_is_down(make_client):
