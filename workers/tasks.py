@@ -33,6 +33,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_process_init
 from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -235,6 +236,16 @@ class JobReporter:
             return
         self._last_write = now
         self._stage = stage
+        try:
+            self._write(stage, fraction, message, new_stage)
+        except OperationalError:
+            # Progress is best effort: a database blip must not fail the job. The heartbeat
+            # thread keeps trying, and the next progress call writes again.
+            log.warning("job %s: progress write failed; continuing", self.job_id, exc_info=True)
+            self._stage = None
+        self.check()
+
+    def _write(self, stage: str, fraction: float, message: str | None, new_stage: bool) -> None:
         with transaction(self.rt.factory) as s:
             status = s.execute(
                 update(Job)
@@ -258,7 +269,22 @@ class JobReporter:
                     self._last_event_progress = fraction
                     job = Job(id=self.job_id, status=status, stage=stage, progress=fraction)
                     add_event(s, job, "log" if message else "progress", message or stage)
-        self.check()
+
+
+class InputMissing(Exception):
+    pass
+
+
+def _fetch(rt: Runtime, key: str, dest: Path) -> Path:
+    """A local path of a stored input (the local store's own file, or a downloaded copy)."""
+    try:
+        return rt.storage.get_file(key, dest)
+    except FileNotFoundError:
+        raise InputMissing(key) from None
+    except Exception as exc:  # botocore's 404 is a ClientError
+        if "404" in str(exc) or "Not Found" in str(exc):
+            raise InputMissing(key) from None
+        raise
 
 
 def _sha256(path: Path) -> str:
@@ -306,8 +332,8 @@ def execute(rt: Runtime, job_id: str) -> str:
                 spec = JobSpec.model_validate(d["spec"])
                 model_id, model_key, _ = d["model"]
                 ds_id, ds_key, ds_suffix = d["dataset"]
-                model_path = rt.storage.get_file(model_key, cache / "inputs" / f"{model_id}.onnx")
-                data_path = rt.storage.get_file(ds_key, cache / "inputs" / f"{ds_id}{ds_suffix}")
+                model_path = _fetch(rt, model_key, cache / "inputs" / f"{model_id}.onnx")
+                data_path = _fetch(rt, ds_key, cache / "inputs" / f"{ds_id}{ds_suffix}")
                 reporter("load", 0.0, "inputs ready; starting the engine")
                 out_dir = workdir / "out"
                 out_dir.mkdir()
@@ -337,6 +363,20 @@ def execute(rt: Runtime, job_id: str) -> str:
                     event_message=f"{exc.code}: {exc.message}",
                 )
                 return f"failed: {exc.code}"
+            except InputMissing as exc:
+                detail = (
+                    f"an input file is missing from storage ({exc}); upload it again and resubmit"
+                )
+                _finish(
+                    rt,
+                    job_id,
+                    token,
+                    status="failed",
+                    error_code="input_missing",
+                    error_detail=detail,
+                    event_message=detail,
+                )
+                return "failed: input missing"
             except SoftTimeLimitExceeded:
                 detail = (
                     f"the job ran past the time limit of {settings.job_soft_time_limit_s} s; "
