@@ -144,3 +144,29 @@ def test_method_returns_a_scratch_architecture_with_curves(make_context):
     assert result.artifacts["search_curves.png"][:8] == b"\x89PNG\r\n\x1a\n"
     # the architecture is a pruning of the uploaded graph (the engine re-initialises it)
     assert ctx.costs(result.model).macs < ctx.base_costs.macs
+
+
+def test_expand_widens_every_group_consistently(make_context):
+    """expand=1.5 on a concat net, a depthwise net and a flatten->Linear net: the widened
+    graph runs, Torch-Pruning sees the widened groups, MACs grow ~1.5^2, and the method
+    still returns a pruning of the *original* graph that meets the budget."""
+    from workers.engine.graph import full_group
+    from workers.methods.expand import expanded_context
+
+    for name in ("densenet", "mobilenet_v2", "vgg"):
+        ctx = make_context(name, "pruning_from_scratch")
+        wide, net, origin, skipped = expanded_context(ctx, ctx.copy_model(), 1.5)
+        assert not skipped
+        dg = wide.dependency_graph(net)
+        for g, w in zip(ctx.groups, wide.groups, strict=True):
+            assert w.channels == round(1.5 * g.channels)
+            assert len(full_group(net, dg, w.name)[0].idxs) == w.channels
+            assert torch.equal(origin[g.name][: g.channels], torch.arange(g.channels))
+            assert int(origin[g.name].max()) == g.channels - 1
+        assert 2.0 < wide.base_costs.macs / ctx.base_costs.macs < 2.3
+    ctx = make_context("densenet", "pruning_from_scratch")
+    params = PruningFromScratchParams.model_validate({"gate_epochs": 1, "expand": 1.5})
+    result = PruningFromScratch(params).run(ctx)
+    assert abs(result.details["kept_torch_count"] - 0.5) <= 0.01
+    assert any("widened x1.5" in n for n in result.notes)
+    assert all(w["channels_after"] <= w["channels_before"] for w in result.details["widths"])

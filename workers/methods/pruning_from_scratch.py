@@ -12,8 +12,10 @@ per-group widths follow, and the MACs (or parameters) of those widths are counte
 the budget is met. The architecture is returned with recovery="scratch": the engine
 re-initialises it and trains it from scratch, as the paper does.
 
-`expand` > 1 (the authors' width multiplier before gate learning) is not implemented yet:
-it needs the uploaded graph widened, and the engine can only narrow it.
+`expand` > 1 widens every group (by repeating its channels, `workers.methods.expand`)
+before the gates are learned, as the authors do with their width multiplier; a channel is
+kept when any of its copies is, so each group's final width is capped at its original width
+(the result must be a pruning of the uploaded graph).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch
 from torch import nn
 
 from workers.engine.method import MethodResult, PruneContext, widths_to_plan
-from workers.errors import NotApplicable
 from workers.methods.catalog import PruningFromScratchParams
 from workers.methods.widths import ChannelSites, WidthCost, curves_png, round_width, widths_table
 
@@ -193,15 +194,27 @@ class PruningFromScratch:
         p = self.params
         notes: list[str] = []
         net = ctx.copy_model()
-        random_init(net, ctx.seed)  # the uploaded weights give only the structure
+        gate_ctx, origin = ctx, None
         if p.expand != 1.0:
-            raise NotApplicable(
-                "pruning_from_scratch: expand > 1 (widening the uploaded graph before gate learning) "
-                "is not implemented; use expand = 1"
+            from workers.methods.expand import expanded_context
+
+            gate_ctx, net, origin, skipped = expanded_context(ctx, net, p.expand)
+            notes.append(
+                f"gates learned on the network widened x{p.expand} (channels repeated); "
+                "a channel is kept when any of its copies is, so widths are capped at the original"
+                + (f"; groups left at their width: {', '.join(skipped)}" if skipped else "")
             )
+        random_init(net, ctx.seed)  # the uploaded weights give only the structure
         gates, history = learn_gates(
-            ctx, net, p.lambda_, p.sparsity_level, p.gate_epochs, p.gate_lr
+            gate_ctx, net, p.lambda_, p.sparsity_level, p.gate_epochs, p.gate_lr
         )
+        if origin is not None:  # copies of a channel: it is kept if any copy is
+            gates = {
+                g.name: torch.zeros(g.channels).index_reduce_(
+                    0, origin[g.name], gates[g.name], "amax", include_self=False
+                )
+                for g in ctx.groups
+            }
         if not history["reached_sparsity"]:
             notes.append(
                 f"the gates never reached mean {p.sparsity_level} in {p.gate_epochs} epochs; "
