@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-epochs", type=int, default=10)
     ap.add_argument("--runs", type=int, default=20, help="latency runs per batch size")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    ap.add_argument(
+        "--from-json", action="store_true", help="only print the table and plot of out/learned.json"
+    )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -175,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.configs.split(",") if args.configs else list(all_cfgs)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    if args.from_json:
+        rows = json.loads((args.out / "learned.json").read_text())
+        labels = [label for label in labels if any(r["config"] == label for r in rows)]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_digits_npz(work / "digits.npz")
-        for name in args.models.split(","):
+        for name in [] if args.from_json else args.models.split(","):
             for label in labels:
                 try:
                     row = bench_one(name, label, all_cfgs[label], args, data, work)
