@@ -249,6 +249,9 @@ register(
 
 
 class PruningFromScratchParams(MethodParams):
+    # `lambda` is a Python keyword: the field is lambda_, spelt "lambda" in specs and reports.
+    model_config = ConfigDict(extra="forbid", serialize_by_alias=True)
+
     lambda_: float = Field(
         default=0.5, ge=0.0, alias="lambda",
         description="weight of the sparsity term lambda * (mean|g| - r)^2 added to the cross-entropy",
