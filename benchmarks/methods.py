@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from prunery.spec import JobSpec  # noqa: E402
 
 from benchmarks.engine import _quiet, _short_error, bench_tp  # noqa: E402
+from prunery.spec import JobSpec  # noqa: E402
 from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz  # noqa: E402
 from workers import datasets  # noqa: E402
 from workers.engine import export as export_mod  # noqa: E402
@@ -221,7 +221,7 @@ def summary(rows: list[Row]) -> str:
         mine = [r for r in rows if (r.target, r.method, r.recovery) == (t, m, rec)]
         done = [r for r in mine if r.drop is not None]
 
-        def mean(get):
+        def mean(get, done=done):
             vals = [v for v in (get(r) for r in done) if v is not None]
             return statistics.mean(vals) if vals else None
 
@@ -294,6 +294,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.runs} latency runs", flush=True)
     rows: list[Row] = []
     t_start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def dump(final: bool = False) -> tuple[str, str]:
+        # Rewritten after every method, so a run cut short still leaves its table.
+        table, summ = render(rows), summary(rows)
+        status = "" if final else "(partial: still running)\n\n"
+        (args.out / "methods.md").write_text(f"{command}\n\n{status}{table}\n\n{summ}\n")
+        return table, summ
+
     with tempfile.TemporaryDirectory() as tmp:
         data_path = write_digits_npz(Path(tmp) / "digits.npz")
         for name in args.models.split(","):
@@ -309,16 +318,16 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  {name} {target} {method}: " + ", ".join(
                         f"{r.recovery} drop {_f(r.drop, '.2f')}" + (f" ({r.note})" if r.note else "") for r in rows[-len(args.recoveries):]
                     ), file=sys.stderr, flush=True)
+                    dump()
                 if not args.no_peer:
                     rows.append(bench_peer(name, model_path, data_path, target, args))
-    table, summ = render(rows), summary(rows)
+                    dump()
+    table, summ = dump(final=True)
     print()
     print(table)
     print()
     print(summ)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "methods.md").write_text(f"{command}\n\n{table}\n\n{summ}\n")
     plot(rows, args.out / "methods.png")
     print(f"wrote {args.out / 'methods.md'} and {args.out / 'methods.png'}")
 
