@@ -9,7 +9,7 @@ learning) and METHODS.md. The module's exact form is therefore our design:
 * SPM (one per prunable conv group): GAP of the input of the group's first conv to run →
   FC → ReLU → FC → one saliency logit per root channel. The decision is `logit > 0`
   (keep) per sample; in training the forward pass uses that hard decision and the backward
-  pass the sigmoid's gradient (straight-through), with logistic noise for exploration.
+  pass the gradient of a wide sigmoid (straight-through); optional logistic noise explores.
 * The decision multiplies every out-pruned conv of the group (zero is exactly a removal,
   see `channel_maps`), so the exported ONNX carries the modules and the gating as
   GlobalAveragePool/Gemm/Greater/Cast/Mul — no data-dependent control flow.
@@ -41,6 +41,9 @@ from workers.methods.catalog import SanpParams
 from workers.methods.channel_maps import GroupChannels, broadcast_factor, group_channels
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The straight-through backward pass uses sigmoid(logit / T): a wide surrogate, so a gate
+# far on the closed side still gets a gradient and a closed layer can reopen.
+SURROGATE_TEMPERATURE = 2.0
 
 
 class SaliencyPruningModule(nn.Module):
@@ -124,6 +127,7 @@ class GateController(nn.Module):
         self.explore = False  # logistic noise on the logits (joint training only)
         self.straight_through = True
         self.current: list[torch.Tensor | None] = [None] * len(groups)
+        self.soft: list[torch.Tensor | None] = [None] * len(groups)  # surrogate keep probabilities (training)
         self._handles = []
         self._gated_outputs: dict[str, list[tuple[int, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]] = {}
         for gi, g in enumerate(groups):
@@ -156,20 +160,21 @@ class GateController(nn.Module):
         self.spm_macs = sum(m.macs for m in self.spms)
 
     # -------------------------------------------------------------- gating
-    def _gate(self, logits: torch.Tensor) -> torch.Tensor:
+    def _gate(self, logits: torch.Tensor, gi: int) -> torch.Tensor:
         logits = logits + self.offset
         if self.explore and self.training:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             logits = logits + torch.log(u) - torch.log1p(-u)
         hard = (logits > 0).to(logits.dtype)
         if self.training and self.straight_through:
-            soft = torch.sigmoid(logits)
+            soft = torch.sigmoid(logits / SURROGATE_TEMPERATURE)
+            self.soft[gi] = soft
             return hard + soft - soft.detach()
         return hard
 
     def _pre_hook(self, gi: int):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            self.current[gi] = self._gate(self.spms[gi](inputs[0]))
+            self.current[gi] = self._gate(self.spms[gi](inputs[0]), gi)
 
         return hook
 
@@ -344,7 +349,7 @@ def train_jointly(
                 frac = controller.macs_per_sample().mean() / base
                 # A floor on each group's mean keep rate: a layer gated off for every sample
                 # has a vanishing straight-through gradient and would never come back.
-                floor = sum(F.relu(min_keep - g.mean()) ** 2 for g in controller.current)  # type: ignore[union-attr]
+                floor = sum(F.relu(min_keep - p.mean()) ** 2 for p in controller.soft)  # type: ignore[union-attr]
                 loss = ce + cost_weight * ((frac - target) ** 2 + floor)
                 if not torch.isfinite(loss):
                     raise FloatingPointError("SANP joint training diverged; lower recovery.lr or spm_lr")
