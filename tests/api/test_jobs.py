@@ -226,3 +226,31 @@ def test_rate_limit_is_429_with_retry_after(make_client, new_tenant):
         and r.json()["error"] == "rate_limited"
         and int(r.headers["retry-after"]) >= 1
     )
+
+
+def _method_names() -> list[str]:
+    from workers.methods.catalog import list_methods
+
+    return [m.name for m in list_methods()]
+
+
+@pytest.mark.parametrize("method", _method_names())
+def test_every_registered_method_is_accepted_or_refused_with_a_reason(client, uploaded, method):
+    """Parametrised over the registry: a new method is covered the moment it is registered."""
+    from workers.methods.catalog import get_method
+
+    info = get_method(method)
+    spec = job_spec(
+        uploaded["model_id"], uploaded["dataset_id"], method={"name": method, "params": {}}
+    )
+    r = client.post("/v1/jobs", headers=uploaded["headers"], json=spec)
+    if "classification" not in info.tasks:
+        assert r.status_code == 422 and r.json()["error"] == "not_applicable", r.text
+        return
+    assert r.status_code in (202, 422), r.text
+    if r.status_code == 422:
+        assert r.json()["error"] in ("not_applicable", "bad_spec") and r.json()["detail"]
+    else:
+        job = r.json()
+        # The stored spec carries the method's defaults, validated by its params schema.
+        assert job["spec"]["method"]["params"] == info.params().model_dump(mode="json")
