@@ -113,6 +113,7 @@ class GateController(nn.Module):
         per_layer_macs: dict[str, int],
         base_macs: int,
         hidden_ratio: float = 0.25,
+        min_keep: float = 0.1,
     ) -> None:
         super().__init__()
         self.groups = groups
@@ -123,6 +124,7 @@ class GateController(nn.Module):
             cin = model.get_submodule(src).in_channels
             hidden = max(4, math.ceil(g.channels * hidden_ratio))
             self.spms.append(SaliencyPruningModule(cin, g.channels, hidden))
+        self.floor_k = [max(1, math.ceil(min_keep * g.channels)) for g in groups]
         self.offset = 0.0  # global shift of the logits (calibration), folded before export
         self.explore = False  # logistic noise on the logits (joint training only)
         self.straight_through = True
@@ -165,7 +167,11 @@ class GateController(nn.Module):
         if self.explore and self.training:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
             logits = logits + torch.log(u) - torch.log1p(-u)
-        hard = (logits > 0).to(logits.dtype)
+        # Keep a channel when its logit is positive, and always the group's top `floor_k`
+        # (as the static allocator never empties a layer): no sample loses a whole layer.
+        k = self.floor_k[gi]
+        kth = torch.topk(logits, k, dim=1).values[:, k - 1 : k]
+        hard = ((logits > 0) | (logits >= kth)).to(logits.dtype)
         if self.training and self.straight_through:
             soft = torch.sigmoid(logits / SURROGATE_TEMPERATURE)
             self.soft[gi] = soft
