@@ -8,11 +8,13 @@ learning) and METHODS.md. The module's exact form is therefore our design:
 
 * SPM (one per prunable conv group): GAP of the input of the group's first conv to run →
   FC → ReLU → FC → one saliency logit per root channel. The decision is `logit > 0`
-  (keep) per sample; in training the forward pass uses that hard decision and the backward
-  pass the gradient of a wide sigmoid (straight-through); optional logistic noise explores.
+  (keep) per sample, plus always the group's top 10% logits (TopK), so that no sample loses
+  a whole layer (the static allocator's max_layer_ratio 0.9, per sample). In training the
+  forward pass uses that hard decision and the backward pass the gradient of a wide sigmoid
+  (straight-through); optional logistic noise explores.
 * The decision multiplies every out-pruned conv of the group (zero is exactly a removal,
   see `channel_maps`), so the exported ONNX carries the modules and the gating as
-  GlobalAveragePool/Gemm/Greater/Cast/Mul — no data-dependent control flow.
+  ReduceMean/Gemm/TopK/Greater/Or/Cast/Mul — no data-dependent control flow.
 * Cost: per sample, a conv costs its MACs × the mean over its output channels of
   (output kept × fraction of that channel's inputs kept); SPMs' own MACs are counted.
   Training minimises CE + w·(mean MACs fraction of the batch − target)², backbone and
