@@ -35,7 +35,7 @@ def test_cancel_a_running_job(sdk, uploaded, stack):
 
 
 def test_killed_worker_job_reruns_to_success(sdk, uploaded, stack):
-    job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 6, "batch_size": 32}))
+    job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 4, "batch_size": 32}))
     wait_for(lambda: _running_in(job, {"recover"}), timeout=300)
     assert job.attempts == 1
     stack.kill_worker(signal.SIGKILL)  # main process, pool child and beat: no goodbye
@@ -88,7 +88,7 @@ def test_killed_pool_child_is_redelivered_and_rerun(sdk, uploaded, stack):
     the message back, and the same worker takes the job over at once (no reaper wait)."""
     import os
 
-    job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 6, "batch_size": 32}))
+    job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 4, "batch_size": 32}))
     wait_for(lambda: _running_in(job, {"recover"}), timeout=300)
     from app.db import make_engine, make_sessionmaker
     from app.models import Job
