@@ -199,10 +199,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 (args.out / "learned.json").write_text(json.dumps(rows, indent=1))
     print()
-    print(
-        f"target: {args.target} of the MACs; recovery epochs: {args.epochs}; "
-        f"gate epochs {args.gate_epochs}; search epochs {args.search_epochs}"
-    )
+    if args.from_json:
+        print(f"rows of {args.out / 'learned.json'} (settings as that run was given)")
+    else:
+        print(
+            f"target: {args.target} of the MACs; recovery epochs: {args.epochs}; "
+            f"gate epochs {args.gate_epochs}; search epochs {args.search_epochs}"
+        )
     print(table(rows))
     print()
     print(summary(rows, labels))
