@@ -208,3 +208,15 @@ def test_l1_subgradient_shrinks_the_gates(tiny_onnx):
         means[s] = result.details["gates"]["mean_abs"]
         assert ctx.costs(result.model).macs / ctx.base_costs.macs == pytest.approx(result.details["kept_torch_count"])
     assert means[0.5] < means[0.0] - 0.03, means
+
+
+def test_thinet_original_target_fits_the_unpruned_output(tiny_onnx):
+    """reconstruction_target='original': after pruning, the network is closer to the unpruned
+    one on the calibration images than with no rescale at all."""
+    errors = {}
+    for params in (ThiNetParams(rescale=False), ThiNetParams(reconstruction_target="original")):
+        ctx = make_ctx(tiny_onnx, "thinet", {"flops": 0.6})
+        result = ThiNet(params).run(ctx)
+        with torch.no_grad():
+            errors[params.rescale] = float((result.model(ctx.calibration) - ctx.model(ctx.calibration)).pow(2).mean())
+    assert errors[True] < errors[False], errors

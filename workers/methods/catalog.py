@@ -186,6 +186,11 @@ class ThiNetParams(MethodParams):
         default=0, ge=0, le=100,
         description="epochs of fine-tuning after each layer is pruned (authors: about 1; 0 = off)",
     )
+    reconstruction_target: Literal["current", "original"] = Field(
+        default="current",
+        description="what the rescale reconstructs: the layer's output in the network pruned so far "
+        "(ThiNet) or in the unpruned network (He et al.; absorbs earlier layers' error)",
+    )
 
 
 class ChannelRegressionParams(MethodParams):

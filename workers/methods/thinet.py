@@ -6,7 +6,10 @@ term per input channel, x̂_c = sum_k W[o, c, k] * patch[c, k]; removing a set T
 changes the output by sum_{c in T} x̂_c. Greedily add to T the channel that adds the least
 squared error, until the target count is removed; then rescale the consumer's kept input
 channels by least squares, ŵ = argmin ||ŷ - X ŵ||² (ŷ: the layer's output before this
-layer was pruned), so that it reconstructs its output.
+layer was pruned), so that it reconstructs its output. `reconstruction_target="original"`
+(not ThiNet's; He et al.'s choice) fits ŵ to the *unpruned* network's output instead, so
+the rescale also absorbs the error of the layers pruned before — which matters on densely
+connected networks, where ThiNet's own target lets errors compound (see the benchmark).
 
 Through the dependency graph: a residual or concat group is chosen as one set. A group
 with several consumers (a residual stream read by several blocks) stacks the consumers'
@@ -75,6 +78,7 @@ class _ConsumerSamples:
         self.consumer = consumer
         img, pos = sample_positions(patches.p.shape[0], patches.positions, per_image, gen)
         out = torch.randint(patches.w.shape[0], (len(img),), generator=gen)
+        self.patches, self.img, self.pos, self.out = patches, img, pos, out
         contrib = patches.feature_contributions(img, pos, out)  # [m, F]
         self.z, self.rest = to_channels(contrib, consumer.feature_root, channels)
         self.y = contrib.sum(-1)
@@ -144,8 +148,17 @@ class ThiNet:
             kept = sorted(set(range(group.channels)) - set(removed))
             before, after = 0.0, 0.0
             scales = []
+            if p.reconstruction_target == "original":
+                originals = capture(ctx.model, [ctx.model.get_submodule(s.consumer.name) for s in samples], images, outputs=True)
             for s in samples:
-                target = s.y - s.rest  # the group's share of the output before pruning
+                if p.reconstruction_target == "original":
+                    # The unpruned network's output at the same samples, less the bias and
+                    # the consumer's inputs outside the group (He et al.'s target).
+                    y0 = originals[ctx.model.get_submodule(s.consumer.name)]
+                    full = s.patches.output_at(s.img, s.pos, y0) - s.patches.bias()
+                    target = full[torch.arange(len(s.out)), s.out] - s.rest
+                else:
+                    target = s.y - s.rest  # the group's share of the output before pruning
                 plain = target - s.z[:, kept].sum(1)
                 before += float(plain.pow(2).mean()) / s.scale**2
                 if p.rescale:
