@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-engine test-service lint bench bench-engine bench-service clean
+.PHONY: setup demo test test-full test-engine test-service lint bench bench-engine bench-service clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Every method over every zoo model (the default runs the method tiers on one model per family).
+test-full: $(STAMP)
+	PRUNERY_FULL_ZOO=1 $(PY) -m pytest -q
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -q tests/engine

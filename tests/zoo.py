@@ -482,3 +482,24 @@ def build_lm_model(cache_dir: Path, epochs: int = 4) -> tuple[Path, float]:
     )
     tmp.replace(onnx_path)
     return onnx_path, bpc
+
+
+# ------------------------------------------------------------------ which models the method tiers run
+
+# Every method runs over the whole zoo with PRUNERY_FULL_ZOO=1 (`make test-full`). By default
+# (`make test`, CI) the per-method zoo tiers run one model per structural family that is
+# hardest to prune right — residual sums, depthwise convs, concat, Linear/transposed — so the
+# whole suite stays well inside CI's time limit on 2 cores. The engine's own zoo test
+# (tests/engine/test_zoo.py) always covers all models at both opsets.
+CI_ZOO = ("resnet_basic", "mobilenet_v2", "densenet", "mixer")
+CONV_ZOO = ("vgg", "resnet_basic", "resnet_bottleneck", "mobilenet_v2", "densenet", "se_resnet")
+
+
+def test_zoo(conv_only: bool = False) -> list[str]:
+    names = CONV_ZOO if conv_only else tuple(ZOO)
+    if os.environ.get("PRUNERY_FULL_ZOO") == "1":
+        return list(names)
+    return [n for n in names if n in CI_ZOO]
+
+
+test_zoo.__test__ = False  # not a pytest test

@@ -20,7 +20,7 @@ PARAMS = {"pruning_from_scratch": {"gate_epochs": 2}, "tas": {"search_epochs": 1
 
 
 @pytest.mark.parametrize("method", list(PARAMS))
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.test_zoo())
 def test_learned_method_prunes_zoo_model(zoo_model, digits_npz, tmp_path, name, method):
     spec = JobSpec(
         method={"name": method, "params": PARAMS[method]},

@@ -22,7 +22,7 @@ METHODS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(zoo.ZOO))
+@pytest.mark.parametrize("name", zoo.test_zoo())
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_prunes_every_zoo_model(method, name, zoo_model, digits_npz, tmp_path):
     spec = JobSpec(method={"name": method, "params": METHODS[method]}, target={"flops": 0.5}, recovery={"epochs": 1})

@@ -16,7 +16,7 @@ from workers.engine.load import ort_session
 
 pytestmark = pytest.mark.slow
 
-CONV_MODELS = ["vgg", "resnet_basic", "resnet_bottleneck", "mobilenet_v2", "densenet", "se_resnet"]
+CONV_MODELS = zoo.test_zoo(conv_only=True)
 # Short schedules so the suite stays in minutes on two cores; the mechanisms are the same.
 # SANP gets 3 joint epochs: after 1 its policy is still near "keep all" and the calibrated
 # threshold alone (a global shift) can leave a layer nearly closed.
