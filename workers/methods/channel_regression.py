@@ -38,7 +38,6 @@ from sklearn.linear_model import Lasso
 
 from workers.engine.graph import channel_scores
 from workers.engine.method import MethodResult, PruneContext
-from workers.errors import EngineError
 from workers.methods.catalog import ChannelRegressionParams
 from workers.methods.l1_norm import filter_l1
 from workers.methods.reconstruction import (
@@ -46,6 +45,7 @@ from workers.methods.reconstruction import (
     Patches,
     capture,
     consumers_of,
+    cut_and_check,
     least_squares,
     processing_order,
     to_channels,
@@ -237,14 +237,8 @@ class ChannelRegression:
             }
             ctx.progress(0.3 + 0.7 * (i + 1) / len(todo), f"channel_regression: pruned {group.name}")
 
-        pruned = ctx.prune_plan(work.plan, model=work.model)
-        got, want = ctx.costs(pruned), ctx.costs(budget_model)
-        if (got.macs, got.params) != (want.macs, want.params):
-            raise EngineError(
-                f"channel_regression: the layer-by-layer prune has {got.macs} MACs but the budget search found "
-                f"{want.macs}; the widths must not depend on the channels chosen"
-            )
+        pruned = cut_and_check(ctx, work, budget_model, "channel_regression")
         details["removed_channels"] = counts
         details["lasso"] = record
         details["fallback_groups"] = fallback
-        return MethodResult(pruned.cpu().eval(), details=details, notes=notes)
+        return MethodResult(pruned, details=details, notes=notes)

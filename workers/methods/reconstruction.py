@@ -213,3 +213,16 @@ def least_squares(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-8) -> torc
     lam = ridge * (float(gram.diagonal().mean()) if gram.numel() else 0.0) + 1e-12
     gram = gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype)
     return torch.linalg.solve(gram, x.T @ y)
+
+
+def cut_and_check(ctx, work: MaskedModel, budget_model: nn.Module, method: str) -> nn.Module:
+    """Cut the zeroed channels structurally and check the widths equal the budget search's:
+    the layer-by-layer choice of channels must not change how many each group loses."""
+    pruned = ctx.prune_plan(work.plan, model=work.model)
+    got, want = ctx.costs(pruned), ctx.costs(budget_model)
+    if (got.macs, got.params) != (want.macs, want.params):
+        raise EngineError(
+            f"{method}: the layer-by-layer prune has {got.macs} MACs / {got.params} parameters but the "
+            f"budget search found {want.macs} / {want.params}; the widths must not depend on the channels chosen"
+        )
+    return pruned.cpu().eval()

@@ -31,7 +31,6 @@ import torch
 
 from workers.engine.graph import channel_scores
 from workers.engine.method import MethodResult, PruneContext
-from workers.errors import EngineError
 from workers.methods.catalog import ThiNetParams
 from workers.methods.l1_norm import filter_l1
 from workers.methods.reconstruction import (
@@ -39,6 +38,7 @@ from workers.methods.reconstruction import (
     Patches,
     capture,
     consumers_of,
+    cut_and_check,
     least_squares,
     processing_order,
     sample_positions,
@@ -182,14 +182,8 @@ class ThiNet:
                 work.model.cpu().eval()
             ctx.progress(0.3 + 0.7 * (i + 1) / len(todo), f"thinet: pruned {group.name} ({k} channels)")
 
-        pruned = ctx.prune_plan(work.plan, model=work.model)
-        got, want = ctx.costs(pruned), ctx.costs(budget_model)
-        if (got.macs, got.params) != (want.macs, want.params):
-            raise EngineError(
-                f"thinet: the layer-by-layer prune has {got.macs} MACs / {got.params} parameters but the "
-                f"budget search found {want.macs} / {want.params}; the widths must not depend on the channels chosen"
-            )
+        pruned = cut_and_check(ctx, work, budget_model, "thinet")
         details["removed_channels"] = counts
         details["reconstruction"] = errors
         details["fallback_groups"] = fallback
-        return MethodResult(pruned.cpu().eval(), details=details, notes=notes)
+        return MethodResult(pruned, details=details, notes=notes)
