@@ -3,12 +3,15 @@ is measured on the ONNX graphs with onnxruntime."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,34 @@ class ExportFailed(EngineError):
     code = "export_failed"
 
 
+@contextlib.contextmanager
+def _onnx2torch_opset(opset: int) -> Iterator[None]:
+    """onnx2torch's modules (Gather, Squeeze, Reduce*, Shape, ...) ask torch's *private*
+    exporter globals which opset is being written (`symbolic_helper.GLOBALS`, or an older
+    underscore attribute, depending on the torch release). We know the opset — we pass it to
+    `torch.onnx.export` — so for the duration of our export we answer that question for them
+    and never touch torch internals. One export at a time per process (a worker runs one job)."""
+    patched = [
+        (mod, mod.get_onnx_version)
+        for name, mod in list(sys.modules.items())
+        if name.startswith("onnx2torch") and callable(getattr(mod, "get_onnx_version", None))
+    ]
+    for mod, _ in patched:
+        mod.get_onnx_version = lambda: opset
+    try:
+        yield
+    finally:
+        for mod, fn in patched:
+            mod.get_onnx_version = fn
+
+
 def export_onnx(module: nn.Module, example: torch.Tensor, opset: int, input_name: str = "input") -> onnx.ModelProto:
     """TorchScript-based export (onnx2torch's modules carry their own ONNX symbolics) with a
     dynamic batch, then onnx.checker and onnxslim."""
     module = module.cpu().eval()
     buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _onnx2torch_opset(opset):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,

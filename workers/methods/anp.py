@@ -198,6 +198,7 @@ class ANP:
         dg = ctx.dependency_graph(model)
         masks = ChannelMasks(model, group_channels(model, dg, ctx.groups), p.temperature)
         model.add_module("anp_masks", masks)
+        model.to(ctx.device)  # weights and masks train where the batches are
         attack = self.attack(ctx.data)
         rec = ctx.spec.recovery
         mask_params = list(masks.parameters())

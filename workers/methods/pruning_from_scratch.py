@@ -70,7 +70,7 @@ def learn_gates(
     for p in net.parameters():
         p.requires_grad_(False)
     sites = ChannelSites(net, dg, ctx.groups)
-    gates = {g.name: nn.Parameter(torch.ones(g.channels)) for g in ctx.groups}
+    gates = {g.name: nn.Parameter(torch.ones(g.channels, device=ctx.device)) for g in ctx.groups}
     sites.attach(lambda name: gates[name])
     cost = WidthCost(net, dg, ctx.groups, ctx.base_costs, "flops")
     penalties: list[float] = []
@@ -97,7 +97,7 @@ def learn_gates(
         history["ce"].append(loss - lam * pen)
         history["mean_gate"].append(mean)
         history["soft_macs"].append(soft)
-        snapshots.append({k: g.detach().clone() for k, g in gates.items()})
+        snapshots.append({k: g.detach().cpu().clone() for k, g in gates.items()})
         ctx.progress(
             0.8 * (epoch + 1) / epochs,
             f"gates epoch {epoch + 1}/{epochs}: mean|g| {mean:.3f}, loss {loss:.4f}",

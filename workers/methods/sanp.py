@@ -39,6 +39,7 @@ from torch import nn
 from workers.engine.flops import torch_costs
 from workers.engine.method import MethodResult, PruneContext
 from workers.engine.train import TensorData, make_optimizer
+from workers.errors import NotApplicable
 from workers.methods.catalog import SanpParams
 from workers.methods.channel_maps import GroupChannels, broadcast_factor, group_channels
 
@@ -260,7 +261,11 @@ def attach(model: nn.Module, dg, groups, example: torch.Tensor, base_macs: int, 
     maps = [g for g in group_channels(model, dg, groups)
             if all(isinstance(model.get_submodule(c.module), _CONVS) for c in g.outs)]
     if not maps:
-        raise ValueError("no prunable conv group to gate")
+        raise NotApplicable(
+            "sanp gates the output channels of convolutions, and no convolution of this model has "
+            "channels that can be removed safely (see the excluded layers); use a static method such "
+            "as l1_norm or thinet for its other layers"
+        )
     order = first_to_run(model, example, {c.module for g in maps for c in g.outs})
     rank = {n: i for i, n in enumerate(order)}
     sources = [min((c.module for c in g.outs), key=lambda n: rank.get(n, 1 << 30)) for g in maps]

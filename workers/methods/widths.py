@@ -85,15 +85,18 @@ class ChannelSites:
             def hook(m: nn.Module, inputs, out: torch.Tensor, sites=sites) -> torch.Tensor:
                 dim = _channel_dim(m) % out.dim()
                 for s in sites:
-                    g = channel_map(s.group)
+                    # Gates may live on another device than the layer (a method's parameters
+                    # are created on ctx.device, the layer may still be on the CPU): the copy
+                    # is differentiable, so gradients reach the gates either way.
+                    g = channel_map(s.group).to(out.device)
                     idxs = s.idxs.to(out.device)
+                    roots = s.roots.to(out.device)
                     part = out.index_select(dim, idxs)
                     if g.dim() == 1:
                         shape = [1] * out.dim()
                         shape[dim] = -1
-                        new = part * g[s.roots.to(g.device)].reshape(shape)
+                        new = part * g[roots].reshape(shape)
                     else:
-                        roots = s.roots.to(g.device)
                         sub = g[roots][:, roots]  # [n, n] among this layer's channels
                         new = torch.movedim(torch.movedim(part, dim, -1) @ sub.t(), -1, dim)
                     out = out.index_copy(dim, idxs, new)
