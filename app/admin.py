@@ -5,6 +5,7 @@
     python -m app.admin create-key acme --name ci     # another key for that tenant
     python -m app.admin revoke-key key_0123abcd
     python -m app.admin list-tenants
+    python -m app.admin job-debug job_0123abcd       # tracebacks of a job's internal errors
 
 The database is PRUNERY_DATABASE_URL.
 """
@@ -19,7 +20,7 @@ from sqlalchemy import select
 
 from app.config import get_settings
 from app.db import make_engine, make_sessionmaker, migrate, transaction
-from app.models import ApiKey, Tenant, utcnow
+from app.models import ApiKey, JobEvent, Tenant, utcnow
 from app.security import create_api_key, create_tenant
 
 
@@ -46,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("revoke-key", help="revoke an API key by id", parents=[common])
     p.add_argument("key_id")
     sub.add_parser("list-tenants", parents=[common])
+    p = sub.add_parser(
+        "job-debug", help="print the stored tracebacks of a job's internal errors", parents=[common]
+    )
+    p.add_argument("job_id")
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -83,6 +88,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             row.revoked_at = utcnow()
             out = {"key_id": row.id, "revoked": True}
+        elif args.cmd == "job-debug":
+            rows = s.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == args.job_id, JobEvent.kind == "debug")
+                .order_by(JobEvent.id)
+            ).all()
+            if not rows:
+                print(f"no stored traceback for job {args.job_id!r}", file=sys.stderr)
+                return 2
+            if not args.json:
+                for row in rows:
+                    print(f"--- {row.at.isoformat()}\n{row.message}")
+                return 0
+            out = {"job_id": args.job_id, "tracebacks": [r.message for r in rows]}
         else:
             tenants = s.scalars(select(Tenant).order_by(Tenant.created_at)).all()
             out = {"tenants": [{"id": t.id, "name": t.name} for t in tenants]}

@@ -7,6 +7,7 @@ message can be lost or duplicated without losing or double-running a job.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from celery import Celery
@@ -21,7 +22,10 @@ from app.schemas import JobPublic
 log = logging.getLogger("prunery.jobs")
 
 RUN_JOB_TASK = "workers.tasks.run_job"
+# Every job that succeeds has these; a method may add more files (stored under the names
+# the engine wrote them with, the same as `prunery prune` writes): see job.artifacts.
 ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md")
+ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def add_event(

@@ -24,6 +24,7 @@ import socket
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,8 +39,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, transaction
-from app.jobs import ARTIFACT_NAMES, add_event, enqueue, set_state
-from app.models import TERMINAL, DatasetFile, Job, ModelFile, utcnow
+from app.jobs import ARTIFACT_NAME, add_event, enqueue, set_state
+from app.models import TERMINAL, DatasetFile, Job, JobEvent, ModelFile, utcnow
 from app.storage import Storage, job_prefix, make_storage
 from workers.celery_app import REAP, RUN_JOB
 from workers.celery_app import app as celery_app
@@ -295,6 +296,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _keep_traceback(rt: Runtime, job_id: str) -> None:
+    """Store the traceback of an internal error for the operator, as a `debug` event: the
+    public API never returns those (tenants see the one-line error);
+    `python -m app.admin job-debug JOB_ID` prints it."""
+    try:
+        with transaction(rt.factory) as s:
+            s.add(JobEvent(job_id=job_id, kind="debug", message=traceback.format_exc()[-20000:]))
+    except Exception:  # noqa: BLE001 - the failure itself is recorded by the caller
+        log.warning("job %s: could not store the traceback", job_id, exc_info=True)
+
+
 def _finish(rt: Runtime, job_id: str, token: str, **values: Any) -> bool:
     """Write the outcome if this run still owns the job."""
     status: str = values.pop("status")
@@ -337,7 +349,13 @@ def execute(rt: Runtime, job_id: str) -> str:
                 reporter("load", 0.0, "inputs ready; starting the engine")
                 out_dir = workdir / "out"
                 out_dir.mkdir()
-                report = run_engine(spec, model_path, data_path, out_dir, progress=reporter)
+                eval_path = None
+                if d.get("eval_dataset"):
+                    ev_id, ev_key, ev_suffix = d["eval_dataset"]
+                    eval_path = _fetch(rt, ev_key, cache / "inputs" / f"{ev_id}{ev_suffix}")
+                report = run_engine(
+                    spec, model_path, data_path, out_dir, progress=reporter, eval_data_path=eval_path
+                )
                 reporter.check()
             except LostOwnership:
                 return "lost ownership"
@@ -394,6 +412,7 @@ def execute(rt: Runtime, job_id: str) -> str:
                 return "failed: time limit"
             except Exception as exc:
                 log.exception("job %s crashed", job_id)
+                _keep_traceback(rt, job_id)
                 detail = f"the engine crashed ({type(exc).__name__}: {exc}); this is a bug, please report it"
                 _finish(
                     rt,
@@ -406,18 +425,7 @@ def execute(rt: Runtime, job_id: str) -> str:
                 )
                 return "failed: internal error"
 
-            artifacts: dict[str, dict[str, Any]] = {}
-            prefix = job_prefix(d["tenant_id"], job_id)
-            for name in ARTIFACT_NAMES:
-                path = out_dir / name
-                if path.is_file():
-                    entry = {
-                        "key": f"{prefix}/{name}",
-                        "size": path.stat().st_size,
-                        "sha256": _sha256(path),
-                    }
-                    rt.storage.put_file(path, entry["key"])
-                    artifacts[name] = entry
+            artifacts = store_outputs(rt, job_prefix(d["tenant_id"], job_id), out_dir)
             gates_passed = report.gates_passed
             missed = [
                 f"{g.name}: {g.value:g} > limit {g.limit:g}" for g in report.gates if not g.passed
@@ -441,6 +449,21 @@ def execute(rt: Runtime, job_id: str) -> str:
             return "succeeded" if gates_passed else "succeeded (gates missed)"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def store_outputs(rt: Runtime, prefix: str, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Store every file the engine wrote to its output directory, under the same name
+    `prunery prune` gives it (model.onnx, report.json, report.md, and whatever a method adds,
+    e.g. search_curves.png): one code path for the CLI and the service."""
+    artifacts: dict[str, dict[str, Any]] = {}
+    for path in sorted(out_dir.iterdir()):
+        if not path.is_file() or path.is_symlink() or not ARTIFACT_NAME.fullmatch(path.name):
+            log.warning("not storing %s: artifacts are plain files with simple names", path.name)
+            continue
+        key = f"{prefix}/{path.name}"
+        rt.storage.put_file(path, key)
+        artifacts[path.name] = {"key": key, "size": path.stat().st_size, "sha256": _sha256(path)}
+    return artifacts
 
 
 def _ensure(path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -23,7 +24,7 @@ from app.deps import (
     after_commit,
 )
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable, error_responses
-from app.jobs import ARTIFACT_NAMES, add_event, enqueue, set_state, to_public
+from app.jobs import add_event, enqueue, set_state, to_public
 from app.metrics import JOBS_SUBMITTED
 from app.models import ACTIVE, TERMINAL, DatasetFile, Job, JobEvent, ModelFile, utcnow
 from app.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, JobStatus
@@ -33,9 +34,14 @@ from workers.methods.catalog import check_applicable, validate_params
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 ARTIFACT_TYPES = {
-    "model.onnx": "application/octet-stream",
-    "report.json": "application/json",
-    "report.md": "text/markdown; charset=utf-8",
+    ".onnx": "application/octet-stream",
+    ".json": "application/json",
+    ".md": "text/markdown; charset=utf-8",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".html": "text/html; charset=utf-8",
+    ".csv": "text/csv; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
 }
 
 
@@ -273,7 +279,7 @@ def _events_after(
     with factory() as session:
         rows = session.scalars(
             select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after, JobEvent.kind != "debug")
             .order_by(JobEvent.id)
             .limit(limit)
         ).all()
@@ -358,7 +364,7 @@ def job_report(job_id: str, db: SessionDep, principal: PrincipalDep) -> JSONResp
 
 @router.get(
     "/{job_id}/artifacts/{name}",
-    summary="Download an artifact: model.onnx, report.json or report.md",
+    summary="Download an artifact: model.onnx, report.json, report.md, or any file the job lists",
     responses={200: {"content": {"application/octet-stream": {}}}}
     | error_responses(401, 404, 409, 429),
 )
@@ -366,19 +372,19 @@ def job_artifact(
     job_id: str, name: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep
 ) -> Response:
     job = _get_owned(db, principal.tenant_id, job_id)
-    if name not in ARTIFACT_NAMES:
-        raise NotFound(f"no artifact {name!r}; artifacts are {', '.join(ARTIFACT_NAMES)}")
     artifacts = job.artifacts or {}
-    if name not in artifacts:
+    if not artifacts:
         raise Conflict(
             f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
             code="artifact_not_ready",
         )
+    if name not in artifacts:
+        raise NotFound(f"job {job.id} has no artifact {name!r}; it has {', '.join(sorted(artifacts))}")
     key = artifacts[name]["key"]
     size = storage.size(key)
     return StreamingResponse(
         storage.open_chunks(key),
-        media_type=ARTIFACT_TYPES[name],
+        media_type=ARTIFACT_TYPES.get(Path(name).suffix, "application/octet-stream"),
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f'attachment; filename="{job.id}-{name}"',

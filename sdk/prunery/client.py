@@ -23,7 +23,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -174,7 +174,7 @@ class Job(_Resource):
         return self.client.jobs.events(self.id, follow=follow, after=after)
 
     def download(
-        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, directory: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> dict[str, Path]:
         return self.client.jobs.download(self.id, directory, names)
 
@@ -387,13 +387,16 @@ class Jobs(_Namespace):
                     data.append(line[5:].strip())
 
     def download(
-        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, job_id: str, directory: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> dict[str, Path]:
-        """Stream artifacts into `directory` (written to a temp name, then renamed)."""
+        """Stream artifacts into `directory` (written to a temp name, then renamed): by
+        default every file the job lists, the same names `prunery prune` writes."""
+        if names is None:
+            names = self.get(job_id).artifacts or ARTIFACTS
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
-        for name in names:
+        for name in _safe_names(names):
             dest = out / name
             tmp = out / f".{name}.part"
             with self._client.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
@@ -403,6 +406,14 @@ class Jobs(_Namespace):
             os.replace(tmp, dest)
             paths[name] = dest
         return paths
+
+
+def _safe_names(names: Sequence[str]) -> list[str]:
+    """Artifact names are plain file names; refuse anything that would write elsewhere."""
+    for name in names:
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"refusing to download an artifact named {name!r}")
+    return list(names)
 
 
 # ---------------------------------------------------------------- the client
@@ -569,7 +580,7 @@ class AsyncJob(Job):
         return await self.aclient.jobs.report(self.id)
 
     async def download(
-        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, directory: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> dict[str, Path]:  # type: ignore[override]
         return await self.aclient.jobs.download(self.id, directory, names)
 
@@ -682,12 +693,14 @@ class _AsyncJobs:
         return Report.model_validate(await self._client.request("GET", f"/v1/jobs/{job_id}/report"))
 
     async def download(
-        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, job_id: str, directory: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> dict[str, Path]:
+        if names is None:
+            names = (await self.get(job_id)).artifacts or ARTIFACTS
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
-        for name in names:
+        for name in _safe_names(names):
             dest, tmp = out / name, out / f".{name}.part"
             response = await self._client._send(
                 "GET", f"/v1/jobs/{job_id}/artifacts/{name}", idempotent=True, stream=True

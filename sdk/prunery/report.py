@@ -81,6 +81,11 @@ class Report(BaseModel):
     macs: BeforeAfter
     params: BeforeAfter
     accuracy: AccuracyResult | None = None
+    evaluation: dict[str, Any] | None = Field(
+        default=None,
+        description="Which data the accuracy, metrics and latency were measured on: the job's "
+        "test split, or the evaluation dataset (eval_dataset_id) with its sample count.",
+    )
     metrics: dict[str, BeforeAfter] = Field(
         default_factory=dict, description="Task-specific metrics (e.g. loss, perplexity)."
     )

@@ -122,6 +122,13 @@ class DataSpec(_Strict):
     grayscale: bool = False
     mean: list[float] | None = None
     std: list[float] | None = None
+    scale: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Integer image arrays in an .npz (e.g. uint8) are cast to float32 and multiplied "
+        "by this before mean/std are applied; default 1/255 for uint8, 1 for other integer types.",
+    )
 
 
 class JobSpec(_Strict):

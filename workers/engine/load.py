@@ -155,6 +155,13 @@ def load(
             f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); Prunery prunes "
             "single-input models: export with one input tensor"
         )
+    if len(original.graph.output) != 1:
+        names = ", ".join(o.name for o in original.graph.output)
+        raise BadModel(
+            f"the model has {len(original.graph.output)} outputs ({names}); Prunery prunes models with "
+            "one output (the logits) and keeps that interface: export only the logits (e.g. return "
+            "logits alone from forward, or pass output_names with one name to torch.onnx.export)"
+        )
     inp = inputs[0]
     dims = checks._shape(inp)
     elem = inp.type.tensor_type.elem_type

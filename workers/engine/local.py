@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", type=Path, help="the trained model, an .onnx file")
     p.add_argument("--data", type=Path, required=True, help=".npz (x_train, y_train, x_test, y_test) or an image-folder zip/tar")
+    p.add_argument("--eval-data", type=Path, help="a separate evaluation dataset (its test split, or all of an .npz of x, y): accuracy and latency are measured on it")
     p.add_argument("--method", default="l1_norm", help="pruning method (see `prunery methods`); default l1_norm")
     p.add_argument("--task", choices=["classification", "language_modeling"], help="default: classification (or the --spec's)")
     tgt = p.add_mutually_exclusive_group(required=False)
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", default=os.environ.get("PRUNERY_DEBUG") == "1",
+                   help="print the full traceback of an internal error (also PRUNERY_DEBUG=1)")
     return p
 
 
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"model file {str(args.model)!r} does not exist")
     if not args.data.is_file():
         return _fail(f"dataset file {str(args.data)!r} does not exist")
+    if args.eval_data is not None and not args.eval_data.is_file():
+        return _fail(f"evaluation dataset file {str(args.eval_data)!r} does not exist")
     if args.out.exists() and not args.out.is_dir():
         return _fail(f"--out {str(args.out)!r} exists and is not a directory")
     if args.latency_runs < 20:
@@ -199,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.tmp-", dir=parent))
     bar = _Progress(args.quiet)
     try:
-        report = run(spec, args.model, args.data, tmp, progress=bar, device=args.device, latency_runs=args.latency_runs)
+        report = run(
+            spec, args.model, args.data, tmp, progress=bar, device=args.device,
+            latency_runs=args.latency_runs, eval_data_path=args.eval_data,
+        )
     except EngineError as exc:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        if args.debug:
+            traceback.print_exc()
         print(f"prunery prune: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not args.debug:
+            print("run again with --debug (or PRUNERY_DEBUG=1) for the full traceback", file=sys.stderr)
         return EXIT_INTERNAL
     bar.close()
     _publish(tmp, args.out)

@@ -28,7 +28,7 @@ from prunery.report import (
 from prunery.spec import JobSpec
 from workers import checks, datasets
 from workers.engine import export as export_mod
-from workers.engine import graph, load, train
+from workers.engine import graph, inputs, load, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -139,6 +139,7 @@ def run(
     max_model_bytes: int = checks.DEFAULT_MAX_MODEL_BYTES,
     latency_runs: int = 30,
     latency_threads: int | None = None,
+    eval_data_path: Path | str | None = None,
 ) -> Report:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,11 +172,14 @@ def run(
         data_path, task=spec.task, split=spec.data.split, seed=spec.seed,
         image_size=spec.data.image_size, grayscale=spec.data.grayscale, mean=spec.data.mean, std=spec.data.std,
     )
-    report_progress("load", 0.3, f"dataset: {len(ds.x_train)} train / {len(ds.x_test)} test samples")
+    ds, evaluation = inputs.with_evaluation_set(ds, eval_data_path, spec.task, spec.data, spec.seed)
+    report_progress("load", 0.3, f"dataset: {len(ds.x_train)} train / {len(ds.x_test)} evaluation samples ({evaluation['dataset']})")
     vocab = ds.vocab_size if lm else None
     loaded = load.load(Path(model_path), ds.sample_shape, max_bytes=max_model_bytes, seed=spec.seed, input_high=vocab)
     catalog.check_applicable(spec.method.name, checks.summarize(loaded.onnx_model, loaded.file_bytes), spec.task)
     notes.extend(loaded.notes)
+    ds, cast_note = inputs.float_images(ds, loaded.input_dtype, spec.data)
+    notes.extend([cast_note] if cast_note else [])
     data = train.TensorData.from_numpy(ds)
     if data.x_train.dtype != torch.float32 and data.x_train.is_floating_point():
         data.x_train, data.x_test = data.x_train.float(), data.x_test.float()
@@ -302,6 +306,7 @@ def run(
             top5_before=export_mod.topk_accuracy(logits_before, y, 5) if top5 else None,
             top5_after=export_mod.topk_accuracy(logits_after, y, 5) if top5 else None,
             samples=len(y),
+            measured_with=f"onnxruntime on the exported ONNX, {evaluation['dataset']}",
         )
     latencies: list[LatencyResult] = []
     for i, bs in enumerate(LATENCY_BATCHES):
@@ -364,6 +369,7 @@ def run(
         macs=BeforeAfter(before=cost_before.macs, after=cost_after.macs),
         params=BeforeAfter(before=cost_before.params, after=cost_after.params),
         accuracy=accuracy,
+        evaluation=evaluation,
         metrics=metrics,
         latency_ms=latencies,
         file_bytes=BeforeAfter(before=len(base_bytes), after=len(pruned_bytes)),
