@@ -42,7 +42,9 @@ FROM runtime AS worker
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 COPY --from=build /wheels /wheels
 RUN pip install --extra-index-url "${TORCH_INDEX}" "$(ls /wheels/prunery_server-*.whl)[worker]" \
-    && rm -rf /wheels
+    && rm -rf /wheels \
+    && python -c "import importlib; from workers.methods import catalog; \
+[getattr(importlib.import_module(m.implementation.split(':')[0]), m.implementation.split(':')[1]) for m in catalog.list_methods()]"
 USER prunery
 # One process per GPU; scale out with more worker containers.
 CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "gpu", "-c", "1", "--loglevel", "INFO"]

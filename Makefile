@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-full test-engine test-service lint bench bench-engine bench-service clean
+.PHONY: setup demo test test-full test-gpu test-engine test-service lint bench bench-engine bench-service clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 # Every method over every zoo model (the default runs the method tiers on one model per family).
 test-full: $(STAMP)
 	PRUNERY_FULL_ZOO=1 $(PY) -m pytest -q
+
+# Every method on CUDA (one zoo model per family); skipped where no GPU is visible.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -q tests/engine

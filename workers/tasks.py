@@ -460,9 +460,9 @@ def store_outputs(rt: Runtime, prefix: str, out_dir: Path) -> dict[str, dict[str
         if not path.is_file() or path.is_symlink() or not ARTIFACT_NAME.fullmatch(path.name):
             log.warning("not storing %s: artifacts are plain files with simple names", path.name)
             continue
-        key = f"{prefix}/{path.name}"
-        rt.storage.put_file(path, key)
-        artifacts[path.name] = {"key": key, "size": path.stat().st_size, "sha256": _sha256(path)}
+        entry = {"key": f"{prefix}/{path.name}", "size": path.stat().st_size, "sha256": _sha256(path)}
+        rt.storage.put_file(path, entry["key"])  # may move the file: measure it first
+        artifacts[path.name] = entry
     return artifacts
 
 

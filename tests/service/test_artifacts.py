@@ -56,3 +56,17 @@ def test_service_returns_every_file_prunery_prune_writes(stack, sdk, uploaded, d
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(json.loads(r.stdout)) == sorted(job.artifacts)
     assert (tmp_path / "dl" / "search_curves.png").read_bytes() == png.content
+
+
+def test_eval_dataset_is_used_by_the_worker(sdk, uploaded, digits, tmp_path):
+    import numpy as np
+
+    x, y = digits["arrays"]["x_test"][:120], digits["arrays"]["y_test"][:120]
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    ev = sdk.datasets.upload(tmp_path / "eval.npz")
+    job = sdk.jobs.create(spec(uploaded, eval_dataset_id=ev.id, recovery={"mode": "none"}))
+    job.wait(timeout=400)
+    assert job.status == "succeeded", job.error
+    report = job.report()
+    assert report.evaluation["dataset"] == "evaluation dataset" and report.evaluation["samples"] == 120
+    assert report.accuracy.samples == 120
