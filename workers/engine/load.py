@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from workers import checks
-from workers.engine import converters, graph, reshapes
+from workers.engine import converters, graph, reshapes, residual
 from workers.errors import BadDataset, BadModel
 
 PARITY_RTOL = 1e-4
@@ -235,6 +235,9 @@ def load(
     module = _batch_polymorphic(
         module, session, inp.name, [batch, *sample_shape], dtype, seed, input_high, notes, fixed_batch
     )
+    embeddings = residual.embeddings_as_parameters(module)
+    if embeddings:
+        notes.append(f"{len(embeddings)} embedding constant(s) (class token, positional embedding) made trainable parameters")
     worst = (0.0, 0.0)
     for k in range(3):
         x = random_input(probe_dims, dtype, seed + k, input_high)

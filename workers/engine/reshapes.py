@@ -40,15 +40,40 @@ class StaticReshape(nn.Module):
 
     `shape` is a buffer-free python list so that head pruning can rewrite it in place."""
 
-    def __init__(self, shape: list[int]) -> None:
+    def __init__(self, shape: list[int], follow: dict[int, int] | None = None) -> None:
         super().__init__()
         self.shape = [int(s) for s in shape]
+        # Output dims copied from input dims at run time (leading or trailing dims that the
+        # reshape leaves alone): a channel count pruned there flows through.
+        self.follow = dict(follow or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.reshape(x, self.shape)
+        if not self.follow:
+            return torch.reshape(x, self.shape)
+        shape: list = list(self.shape)
+        for out_dim, in_dim in self.follow.items():
+            shape[out_dim] = x.shape[in_dim]
+        return torch.reshape(x, shape)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+        return f"shape={self.shape}, follow={self.follow}"
+
+
+def _follow(in_shape: list[int], out_shape: list[int], batch_dim: int | None) -> dict[int, int]:
+    """Leading and trailing output dims that are the input's own dims (row-major)."""
+    follow: dict[int, int] = {}
+    i = 0
+    while i < min(len(in_shape), len(out_shape)) and in_shape[i] == out_shape[i]:
+        follow[i] = i
+        i += 1
+    j = 1
+    while j <= min(len(in_shape), len(out_shape)) - i and in_shape[-j] == out_shape[-j]:
+        follow[len(out_shape) - j] = len(in_shape) - j
+        j += 1
+    follow.pop(batch_dim if batch_dim is not None else -100, None)
+    if len(follow) == len(out_shape):  # an identity reshape: keep one dim free for the element count
+        follow.pop(max(follow))
+    return {o: i for o, i in follow.items() if out_shape[o] > 1}
 
 
 class SampleFlatten(nn.Module):
@@ -227,7 +252,7 @@ def rewrite(gm: fx.GraphModule, example: torch.Tensor) -> Rewrite:
             else:
                 if out_info is not None:
                     shape[out_info[0]] = -1
-                module = StaticReshape(shape)
+                module = StaticReshape(shape, _follow(list(x.shape), list(out.shape), out_info[0] if out_info else None))
                 result.reshapes += 1
             name = _fresh(gm, str(node.target).replace(".", "_") + "_static")
             gm.add_submodule(name, module)
