@@ -55,6 +55,7 @@ class HeadBlock:
     channel_heads: dict[str, list[int]] = field(default_factory=dict)  # linear -> head of each out channel (-1: not attention)
     out_heads: list[int] = field(default_factory=list)  # head of each input column of `out`
     reshapes: dict[str, int] = field(default_factory=dict)  # StaticReshape module -> dim holding the heads
+    selects: list[str] = field(default_factory=list)  # HeadSelect modules on per-head biases of the logits
 
 
 def is_head_group(name: str) -> bool:
@@ -146,16 +147,24 @@ def _push(gm: fx.GraphModule, start: fx.Node, start_value: torch.Tensor, path: S
     return env
 
 
-def _heads_of(t: torch.Tensor, trailing: int) -> dict[int, int]:
-    """channel value -> head (flattened leading index) of an index tensor [..., x, y]."""
-    lead = t.reshape(-1, *t.shape[-trailing:]) if trailing else t.reshape(-1, 1)
+def _heads_of(t: torch.Tensor) -> tuple[dict[int, int], int]:
+    """channel value -> head, and the leading dim holding the heads, of an index tensor
+    [..., x, y] (the other leading dims — batch, windows — repeat the same channels)."""
+    lead = list(range(t.dim() - 2))
+    varying = [j for j in lead if t.shape[j] > 1 and _varies(t, j)]
+    if len(varying) != 1:
+        raise ValueError("heads are not one leading dim")
+    dim = varying[0]
+    sample = t
+    for j in reversed(lead):
+        if j != dim:
+            sample = sample.select(j, 0)
     found: dict[int, int] = {}
-    for h in range(lead.shape[0]):
-        for c in lead[h].reshape(-1).tolist():
-            c = int(c)
-            if found.setdefault(c, h) != h:
+    for h in range(sample.shape[0]):
+        for c in sample[h].reshape(-1).tolist():
+            if found.setdefault(int(c), h) != h:
                 raise ValueError("a channel feeds two heads")
-    return found
+    return found, dim
 
 
 def _varies(heads: torch.Tensor, dim: int) -> bool:
@@ -179,6 +188,73 @@ def _reshape_head_dims(gm, env: dict[fx.Node, torch.Tensor], head_of: Callable[[
         if dims:
             if out.setdefault(str(n.target), dims[0]) != dims[0]:
                 raise ValueError("inconsistent head dim")
+
+
+class HeadSelect(nn.Module):
+    """Keeps the surviving heads of a per-head term added to the attention logits (Swin's
+    relative-position bias): identity until heads are removed."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("keep", torch.arange(heads), persistent=True)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[self.dim] == self.keep.numel():
+            return x
+        return torch.index_select(x, self.dim, self.keep.to(x.device))
+
+
+def _logit_path(gm: fx.GraphModule, a1: fx.Node, values, head_dim: int, heads: int, reshapes: dict[str, int]) -> list[str]:
+    """Between q·kᵀ and the Softmax: Reshapes whose head dim must shrink, and per-head
+    operands (biases, masks) that get a HeadSelect in front."""
+    out = values[a1]
+    assert isinstance(out, torch.Tensor)
+    view = [1] * out.dim()
+    view[head_dim] = heads
+    index = torch.arange(heads, dtype=torch.float64).view(view).expand(out.shape).clone()
+    env: dict[fx.Node, torch.Tensor] = {a1: index}
+    selects: list[str] = []
+    cur = a1
+    while True:
+        nxt = next(iter(cur.users))
+        kind = _kind(gm, nxt)
+        if kind == "Softmax":
+            break
+        if kind == "StaticReshape":
+            env[nxt] = gm.get_submodule(str(nxt.target))(env[cur])
+            _reshape_head_dims(gm, {nxt: env[nxt]}, lambda t: t, reshapes)
+        elif kind in ("OnnxBinaryMathOperation", "Dropout", "Identity"):
+            env[nxt] = env[cur]
+            for pos, other in enumerate(nxt.args):
+                if other is cur or not isinstance(other, fx.Node):
+                    continue
+                val = values.get(other)
+                t = env[cur]
+                if not isinstance(val, torch.Tensor) or val.dim() == 0:
+                    continue
+                dims = [j for j in range(t.dim()) if t.shape[j] > 1 and _varies(t, j)]
+                if len(dims) != 1:
+                    raise ValueError("no single head dim on the logits")
+                j = dims[0] - (t.dim() - val.dim())
+                if j < 0 or val.shape[j] == 1:
+                    continue
+                if val.shape[j] != heads:
+                    raise ValueError("a logits operand does not line up with the heads")
+                name = f"{str(nxt.target).replace('.', '_')}_heads{pos}"
+                gm.add_submodule(name, HeadSelect(j, heads))
+                with gm.graph.inserting_before(nxt):
+                    sel = gm.graph.call_module(name, (other,))
+                nxt.replace_input_with(other, sel)
+                values[sel] = val
+                selects.append(name)
+        else:
+            raise ValueError(f"unexpected op {kind} on the attention logits")
+        cur = nxt
+    if selects:
+        gm.recompile()
+    return selects
 
 
 def find_blocks(gm: fx.GraphModule, example: torch.Tensor) -> list[HeadBlock]:
@@ -225,7 +301,7 @@ def _describe(gm: fx.GraphModule, a1: fx.Node, a2: fx.Node, values) -> HeadBlock
     channel_heads: dict[str, list[int]] = {}
     reshapes: dict[str, int] = {}
     heads_count = None
-    for (linear, path), operand, trailing in ((q, a1.args[0], 2), (k, a1.args[1], 2), (v, a2.args[1], 2)):
+    for (linear, path), operand in ((q, a1.args[0]), (k, a1.args[1]), (v, a2.args[1])):
         lin_node = next(n for n in gm.graph.nodes if n.op == "call_module" and str(n.target) == linear)
         if any(u not in path and u is not operand for u in lin_node.users) and operand is not lin_node:
             return None  # the projection feeds something besides attention
@@ -235,7 +311,7 @@ def _describe(gm: fx.GraphModule, a1: fx.Node, a2: fx.Node, values) -> HeadBlock
         index = torch.arange(width, dtype=torch.float64).expand(ref.shape).clone()
         env = _push(gm, lin_node, index, path, values)
         at = env[operand] if operand in env else index
-        heads = _heads_of(at, trailing)
+        heads, head_dim = _heads_of(at)
         n_heads = len(set(heads.values()))
         if heads_count is None:
             heads_count = n_heads
@@ -252,12 +328,13 @@ def _describe(gm: fx.GraphModule, a1: fx.Node, a2: fx.Node, values) -> HeadBlock
     attn_out = values[a2]
     assert isinstance(attn_out, torch.Tensor) and heads_count is not None
     d = attn_out.shape[-1]
-    lead = attn_out.reshape(-1, *attn_out.shape[-2:]).shape[0]
-    if lead != heads_count:
+    if attn_out.shape[head_dim] != heads_count:
         return None
-    index = (torch.arange(lead, dtype=torch.float64).view(-1, 1, 1) * d + torch.arange(d, dtype=torch.float64)).expand(
-        lead, attn_out.shape[-2], d
-    ).reshape(attn_out.shape).clone()
+    view = [1] * attn_out.dim()
+    view[head_dim] = heads_count
+    index = (torch.arange(heads_count, dtype=torch.float64).view(view) * d + torch.arange(d, dtype=torch.float64))
+    index = index.expand(attn_out.shape).clone()
+    selects = _logit_path(gm, a1, values, head_dim, heads_count, reshapes)
     env = _push(gm, a2, index, out_path, values)
     final = env[out_path[-1]] if out_path else index
     out_mod = gm.get_submodule(out_name)
@@ -273,7 +350,7 @@ def _describe(gm: fx.GraphModule, a1: fx.Node, a2: fx.Node, values) -> HeadBlock
             pass  # a packed projection may carry non-attention channels: they stay
     return HeadBlock(
         name=out_name + SUFFIX, heads=heads_count, q=q[0], k=k[0], v=v[0], out=out_name,
-        channel_heads=channel_heads, out_heads=out_heads, reshapes=reshapes,
+        channel_heads=channel_heads, out_heads=out_heads, reshapes=reshapes, selects=selects,
     )
 
 
@@ -316,10 +393,15 @@ def remove_heads(model: nn.Module, block: HeadBlock, drop: Sequence[int]) -> Hea
         if size % block.heads:
             raise ValueError(f"reshape {name}: dim {dim} of size {size} is not a multiple of {block.heads} heads")
         mod.shape[dim] = size // block.heads * new_heads
+    kept = torch.tensor(sorted(remap), dtype=torch.long)
+    for name in block.selects:
+        sel = model.get_submodule(name)
+        assert isinstance(sel, HeadSelect)
+        sel.keep = sel.keep[kept.to(sel.keep.device)]
     return HeadBlock(
         name=block.name, heads=new_heads, q=block.q, k=block.k, v=block.v, out=block.out,
         channel_heads=new_channels, out_heads=[remap[h] for h in block.out_heads if h not in drop_set],
-        reshapes=dict(block.reshapes),
+        reshapes=dict(block.reshapes), selects=list(block.selects),
     )
 
 

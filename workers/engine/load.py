@@ -235,9 +235,9 @@ def load(
     module = _batch_polymorphic(
         module, session, inp.name, [batch, *sample_shape], dtype, seed, input_high, notes, fixed_batch
     )
-    embeddings = residual.embeddings_as_parameters(module)
+    embeddings = residual.lift_embeddings(module) + residual.embeddings_as_parameters(module)
     if embeddings:
-        notes.append(f"{len(embeddings)} embedding constant(s) (class token, positional embedding) made trainable parameters")
+        notes.append(f"{len(embeddings)} embedding constant(s) (token table, class token, positional embedding) made trainable layers")
     worst = (0.0, 0.0)
     for k in range(3):
         x = random_input(probe_dims, dtype, seed + k, input_high)

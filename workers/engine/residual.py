@@ -83,3 +83,36 @@ def embeddings_as_parameters(gm: fx.GraphModule) -> list[str]:
         done.append(str(node.target))
     return done
 
+
+
+def lift_embeddings(gm: fx.GraphModule) -> list[str]:
+    """`Gather(table[V, E] constant, token ids, axis=0)` becomes an `nn.Embedding`, whose
+    width Torch-Pruning prunes with the stream it feeds."""
+    lifted: list[str] = []
+    for node in list(gm.graph.nodes):
+        if _kind(gm, node) != "OnnxGather" or len(node.args) != 2:
+            continue
+        table, ids = node.args
+        if not isinstance(table, fx.Node) or table.op != "get_attr" or not isinstance(ids, fx.Node) or ids.op == "get_attr":
+            continue
+        if gm.get_submodule(str(node.target))._axis != 0:
+            continue
+        owner, leaf = _owner(gm, str(table.target))
+        weight = getattr(owner, leaf)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            continue
+        emb = nn.Embedding(int(weight.shape[0]), int(weight.shape[1]))
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        name = str(node.target).replace(".", "_") + "_embedding"
+        gm.add_submodule(name, emb)
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, (ids,))
+        node.replace_all_uses_with(new)
+        lifted.append(name)
+    if lifted:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+    return lifted
