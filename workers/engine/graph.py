@@ -402,6 +402,10 @@ def analyse(
         k = step if step > 1 else min(2, channels - 1)
         idxs = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
         reason = probe_group(model, example, batch, name, idxs)
+        if reason is not None and "shared with a normalisation" in reason and any(m.op == "LayerNorm" for m in members):
+            from workers.engine.residual import probe_layernorm_coupled  # the residual stream
+
+            reason = probe_layernorm_coupled(model, example, batch, name, idxs) and reason
         if reason is not None:
             excluded.append((name, reason))
         else:

@@ -38,6 +38,7 @@ SUFFIX = "#heads"
 _LAYOUT = {
     "StaticReshape", "OnnxTranspose", "OnnxGather", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes",
     "OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes", "SampleFlatten", "Flatten", "OnnxFlatten",
+    "OnnxSplit13", "OnnxSplit", "_SplitEqual",  # timm's qkv.unbind(0): pieces of size 1, no channel sizes
 }
 _SCALE = {"OnnxBinaryMathOperation", "Identity", "Dropout"}
 

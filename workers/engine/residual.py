@@ -116,3 +116,80 @@ def lift_embeddings(gm: fx.GraphModule) -> list[str]:
         gm.recompile()
         gm.delete_all_unused_submodules()
     return lifted
+
+
+class _KeptStatsLayerNorm(nn.Module):
+    """A LayerNorm over the last dim whose mean and variance see only the kept channels
+    (removed ones, already zeroed, output 0): what the pruned LayerNorm computes."""
+
+    def __init__(self, norm: nn.LayerNorm, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.norm, self.keep = norm, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = x.index_select(-1, self.keep.to(x.device))
+        mean = kept.mean(-1, keepdim=True)
+        var = kept.var(-1, unbiased=False, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + self.norm.eps)
+        if self.norm.weight is not None:
+            y = y * self.norm.weight
+        if self.norm.bias is not None:
+            y = y + self.norm.bias
+        return y
+
+
+def probe_layernorm_coupled(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, root: str, idxs) -> str | None:
+    """Zero-equivalence for a width shared with LayerNorms (the residual stream).
+
+    Removing channels from a LayerNorm'd stream changes the normalisation statistics — that
+    is what pruning the width means, not a wiring error — so the zeroed reference computes
+    each coupled LayerNorm's statistics over the kept channels only; everything else must
+    match the structurally pruned model exactly, as in graph.probe_group."""
+    import copy
+
+    from workers.engine import graph
+
+    m = copy.deepcopy(model)
+    try:
+        dg = graph.build_dependency_graph(m, example)
+        group = graph.full_group(m, dg, root, idxs)
+    except Exception as exc:
+        return f"the dependency graph cannot form this group ({type(exc).__name__}: {exc})"
+    norms = {}
+    for item in group:
+        target = item.dep.target.module
+        if isinstance(target, nn.LayerNorm) and dg.is_out_channel_pruning_fn(item.dep.handler):
+            if len(target.normalized_shape) != 1:
+                return "a LayerNorm normalises over more than the pruned dim"
+            removed = set(int(i) for i in item.idxs)
+            norms[target] = torch.tensor([c for c in range(target.normalized_shape[0]) if c not in removed])
+    if not norms:
+        return "no LayerNorm in the group"
+    zeroed_model = copy.deepcopy(m)
+    zdg = graph.build_dependency_graph(zeroed_model, example)
+    zgroup = graph.full_group(zeroed_model, zdg, root, idxs)
+    graph._zero_out_channels(zdg, zgroup)
+    names = {mod: n for n, mod in m.named_modules()}
+    for norm, keep in norms.items():
+        name = names[norm]
+        parent_name, _, leaf = name.rpartition(".")
+        parent = zeroed_model.get_submodule(parent_name) if parent_name else zeroed_model
+        setattr(parent, leaf, _KeptStatsLayerNorm(getattr(parent, leaf), keep))
+    try:
+        with torch.no_grad():
+            zeroed = graph.run_located(zeroed_model, batch)
+        group.prune()
+        with torch.no_grad():
+            pruned = graph.run_located(m, batch)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the pruned graph no longer runs: {text}"
+    if pruned.shape != zeroed.shape:
+        return f"removing its channels changes the model output shape {tuple(zeroed.shape)} -> {tuple(pruned.shape)}"
+    ok, rel = graph._close(zeroed, pruned)
+    if not ok:
+        return (
+            f"removing its channels changes the function beyond the removed channels and the LayerNorm "
+            f"statistics (relative difference {rel:.2e})"
+        )
+    return None
