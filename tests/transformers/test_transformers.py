@@ -122,3 +122,23 @@ def test_fixed_batch_one_transformer_is_refused_with_the_fix(tmp_path):
     path = tfkit.export(tfkit.torchvision_vit(), torch.randn(1, *tfkit.IMAGE), tmp_path / "vit1.onnx", "dynamo", dynamic_batch=False)
     with pytest.raises(BadModel, match="dynamic batch"):
         load.load(path, tfkit.IMAGE)
+
+
+def test_fused_mha_fast_path_export_loads_with_its_heads(tmp_path):
+    """Under torch.no_grad() nn.MultiheadAttention runs its fused fast path
+    (_native_multi_head_attention); the dynamo exporter decomposes it. It loads at any
+    batch and its heads are found."""
+    from workers.engine import heads
+
+    torch.manual_seed(0)
+    model = tfkit.TextEncoder().eval()
+    x = torch.randint(0, tfkit.VOCAB, (2, tfkit.TOKENS))
+    with torch.no_grad():
+        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}}, verbose=False)
+    program.save(str(tmp_path / "fused.onnx"), external_data=False)
+    loaded = load.load(tmp_path / "fused.onnx", (tfkit.TOKENS,), input_high=tfkit.VOCAB)
+    ids = torch.randint(0, tfkit.VOCAB, (3, tfkit.TOKENS))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(ids), model(ids), rtol=1e-4, atol=1e-5)
+    blocks = heads.find_blocks(loaded.module, ids[:1])
+    assert [b.heads for b in blocks] == [4, 4]
