@@ -294,8 +294,9 @@ def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, ro
         group = full_group(m, dg, root, idxs)
     except Exception as exc:
         return f"the dependency graph cannot form this group ({type(exc).__name__}: {exc})"
+    expected: list[str] = []  # Reshapes that legitimately move the batch (MHA's [T, B*H, D])
     with torch.no_grad():
-        reference = run_located(m, batch)
+        reference = run_located(m, batch, expected)
     try:
         _zero_out_channels(dg, group)
         with torch.no_grad():
@@ -313,7 +314,9 @@ def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, ro
     try:
         with torch.no_grad():
             pruned = run_located(m, batch, changes)
+        changes = [c for c in changes if c not in expected]
     except Exception as exc:
+        changes = [c for c in changes if c not in expected]
         if changes:
             return (
                 f"its channel count is baked into the constant shape of Reshape {changes[0]} "
@@ -399,6 +402,10 @@ def analyse(
         k = step if step > 1 else min(2, channels - 1)
         idxs = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
         reason = probe_group(model, example, batch, name, idxs)
+        if reason is not None and "shared with a normalisation" in reason and any(m.op == "LayerNorm" for m in members):
+            from workers.engine.residual import probe_layernorm_coupled  # the residual stream
+
+            reason = probe_layernorm_coupled(model, example, batch, name, idxs) and reason
         if reason is not None:
             excluded.append((name, reason))
         else:
@@ -408,8 +415,11 @@ def analyse(
 
 def prune_copy(model: nn.Module, example: torch.Tensor, plan: dict[str, Sequence[int]]) -> nn.Module:
     """A structurally pruned deep copy: plan = {group root: root-channel indices to remove}."""
+    from workers.engine import heads
+
     m = copy.deepcopy(model)
     todo = {k: sorted(set(int(i) for i in v)) for k, v in plan.items() if len(v)}
+    todo = heads.apply_plan(m, todo, heads.blocks_of(model))  # attention heads: heads.py
     if not todo:
         return m
     dg = build_dependency_graph(m, example)
@@ -426,6 +436,10 @@ def channel_scores(
 ) -> torch.Tensor:
     """Sum a per-output-channel statistic over every out-pruned layer of a group, in the
     root's channel order (coupled channels of residual/concat groups are scored together)."""
+    from workers.engine import heads
+
+    if heads.is_head_group(root):
+        return heads.head_scores(model, root, per_module)
     group = full_group(model, dg, root)
     n = len(group[0].idxs)
     total = torch.zeros(n, dtype=torch.float64)

@@ -5,6 +5,7 @@ No pickle is ever loaded: the only inputs are the ONNX protobuf and the dataset 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import warnings
@@ -17,7 +18,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 from workers import checks
-from workers.engine import converters, graph
+from workers.engine import converters, graph, reshapes, residual
 from workers.errors import BadDataset, BadModel
 
 PARITY_RTOL = 1e-4
@@ -135,6 +136,35 @@ def parity(module: torch.nn.Module, session, input_name: str, x: np.ndarray) -> 
     return diff, diff / max(scale, 1e-12)
 
 
+def _batch_polymorphic(module, session, input_name: str, dims: list[int], dtype: type, seed: int,
+                       input_high: int | None, notes: list[str], fixed_batch: bool) -> torch.fx.GraphModule:
+    """Reshapes that carry the batch (or a flattened channel count) in constant or computed
+    shapes become static, batch-following ones, proven on a batch twice the traced one."""
+    example = torch.from_numpy(random_input(dims, dtype, seed + 100, input_high))
+    second = torch.from_numpy(random_input(dims, dtype, seed + 101, input_high))
+
+    def reference(x: torch.Tensor) -> np.ndarray:
+        return session.run(None, {input_name: x.numpy()})[0]
+
+    rewritten, refused = reshapes.make_batch_polymorphic(module, example, reference, second)
+    if refused and fixed_batch:
+        raise BadModel(
+            f"the model was exported with a fixed batch of {dims[0]} and cannot be made to run at other batch "
+            f"sizes ({refused}); re-export it with a dynamic batch (torch.onnx.export(..., dynamic_shapes=...) "
+            "or dynamic_axes={input: {0: 'batch'}})"
+        )
+    if refused:
+        notes.append(refused)
+    elif rewritten is not module:
+        kinds = collections.Counter(type(m).__name__ for m in rewritten.modules())
+        notes.append(
+            f"made the graph batch-polymorphic: {kinds['StaticReshape']} Reshape(s) follow the batch, "
+            f"{kinds['SampleFlatten']} became per-sample Flatten, {kinds['BatchConcat']} Concat(s) broadcast "
+            f"batch-free inputs (shapes other than the batch are fixed at the dataset's sample shape)"
+        )
+    return rewritten
+
+
 def load(
     path: Path,
     sample_shape: tuple[int, ...],
@@ -201,17 +231,20 @@ def load(
         raise BadModel(f"conversion to torch failed ({type(exc).__name__}: {exc})") from None
     module.eval()
 
-    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 2
+    fixed_batch = isinstance(dims[0], int) and dims[0] > 0
+    batch = dims[0] if fixed_batch else 2
     probe_dims = [batch, *sample_shape]
-    example = torch.from_numpy(random_input([1 if batch != dims[0] else batch, *sample_shape], dtype, seed, input_high))
     lifted = graph.lift_linears(module)
-    flattened = graph.rewrite_flatten_reshapes(module, example)
     if lifted:
         notes.append(f"lifted {len(lifted)} MatMul(+Add) pairs with constant weights into Linear layers")
-    if flattened:
-        notes.append(f"rewrote {len(flattened)} constant per-sample Reshape(s) into Flatten")
 
     session = ort_session(model)
+    module = _batch_polymorphic(
+        module, session, inp.name, [batch, *sample_shape], dtype, seed, input_high, notes, fixed_batch
+    )
+    embeddings = residual.lift_embeddings(module) + residual.embeddings_as_parameters(module)
+    if embeddings:
+        notes.append(f"{len(embeddings)} embedding constant(s) (token table, class token, positional embedding) made trainable layers")
     worst = (0.0, 0.0)
     for k in range(3):
         x = random_input(probe_dims, dtype, seed + k, input_high)

@@ -28,7 +28,7 @@ from prunery.report import (
 from prunery.spec import JobSpec
 from workers import checks, datasets
 from workers.engine import export as export_mod
-from workers.engine import graph, inputs, load, train
+from workers.engine import graph, heads, inputs, load, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -210,6 +210,10 @@ def run(
         progress=lambda f: report_progress("analyse", f, None),
     )
     analysis.lifted = loaded.lifted
+    if getattr(method, "prunes_heads", False):  # whole attention heads (heads.py)
+        head_groups, head_excluded = heads.analyse(loaded.module, example, calibration[:16], spec.seed)
+        analysis.groups.extend(head_groups)
+        analysis.excluded.extend(head_excluded)
     if not analysis.groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in analysis.excluded[:5])
         raise BudgetUnreachable(f"no layer of this model can be pruned safely ({reasons})")
@@ -348,6 +352,7 @@ def run(
             "turns that into a real speedup"
         )
     layers = _layer_rows(loaded.module, pruned, base_costs.per_layer, after_costs.per_layer)
+    layers.extend(heads.report_rows(loaded.module, pruned))
     gates: list[GateResult] = []
     if spec.gates.max_accuracy_drop is not None and accuracy is not None:
         gates.append(GateResult(

@@ -24,6 +24,8 @@ def filter_l1(module: nn.Module) -> torch.Tensor | None:
 
 
 class L1Norm:
+    prunes_heads = True  # attention heads are scored by the L1 of their q, k and v rows
+
     def __init__(self, params: L1NormParams) -> None:
         self.params = params
 
@@ -39,6 +41,8 @@ class L1Norm:
 
 
 class RandomChannels:
+    prunes_heads = True
+
     def __init__(self, params: RandomParams) -> None:
         self.params = params
 
