@@ -54,6 +54,10 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class RequestTimeout(ApiError):
+    status, code = 408, "request_timeout"
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
 
@@ -82,6 +86,7 @@ _DESCRIPTIONS = {
     400: "Malformed request (bad JSON or multipart body).",
     401: "Missing, unknown or revoked API key.",
     404: "No such resource for this tenant.",
+    408: "The client sent the request body too slowly or stopped sending it.",
     409: "The request conflicts with the resource's state.",
     413: "Upload larger than the server's limit.",
     415: "Wrong content type or file format.",
