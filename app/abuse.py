@@ -8,19 +8,23 @@ rather than answered 500/503 — the broker outage is reported by /readyz.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import TooManyRequests
+from app.errors import BadRequest, TooManyRequests
 
 log = logging.getLogger("prunery.api")
 
@@ -143,3 +147,78 @@ class _Lease:
             self.caps.active[self.key] -= 1
             if self.caps.active[self.key] <= 0:
                 del self.caps.active[self.key]
+
+
+class BodyGuard:
+    """Pure ASGI middleware bounding request bodies that are not multipart uploads (those are
+    streamed to disk by `app.uploads` with their own limits): at most `max_bytes` (413), and
+    no pause longer than `idle_s` while the body arrives (408) — a stalled JSON client is cut
+    off instead of holding a worker thread forever."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = 1024 * 1024, idle_s: float = 30.0) -> None:
+        self.app, self.max_bytes, self.idle_s = app, max_bytes, idle_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            await self.app(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse(
+                {
+                    "error": "payload_too_large",
+                    "detail": f"the request body is {int(declared)} bytes; the limit is {self.max_bytes}",
+                },
+                status_code=413,
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        state = {"done": False, "seen": 0}
+
+        async def guarded() -> Message:
+            if state["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s or None)
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"the client sent nothing for {self.idle_s:.0f} s; request cut off"
+                ) from None
+            if message["type"] == "http.request":
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > self.max_bytes:
+                    raise HTTPException(413, f"the request body is over {self.max_bytes} bytes")
+                if not message.get("more_body", False):
+                    state["done"] = True
+            else:
+                state["done"] = True
+            return message
+
+        await self.app(scope, guarded, send)
+
+
+MAX_EVENT_ID = 2**63 - 1  # job_events.id is a Postgres bigint
+
+
+def plausible_id(ident: str) -> bool:
+    """Whether a path id could name a row: short, printable ASCII (NUL is refused by Postgres
+    and would otherwise surface as a 500)."""
+    return 0 < len(ident) <= 64 and ident.isascii() and ident.isprintable()
+
+
+def parse_last_event_id(value: str | None) -> int | None:
+    """The SSE `Last-Event-ID` header: an ASCII decimal event id, else a clear 400."""
+    if value is None or value == "":
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 19) or int(value) > MAX_EVENT_ID:
+        raise BadRequest(
+            f"Last-Event-ID must be an event id (decimal digits up to {MAX_EVENT_ID}); "
+            "send back the id of the last event you received"
+        )
+    return int(value)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
 from app.config import Settings
 from app.errors import TooManyRequests
-from app.models import DatasetFile, Job, ModelFile
+from app.models import DatasetFile, Job, ModelFile, utcnow
 from app.uploads import Upload, receive_upload
 
 
@@ -37,6 +38,41 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     ):
         total += sum(int(a.get("size", 0)) for a in (artifacts or {}).values() if isinstance(a, dict))
     return total
+
+
+def check_queue(session: Session, settings: Settings, tenant_id: str) -> None:
+    """Queued jobs per tenant, counting jobs cancelled before they started in the last 10
+    minutes: their broker messages may still be waiting, so submit+cancel churn counts
+    against the tenant until the workers have skipped them."""
+    cap = settings.max_queued_jobs_per_tenant
+    if cap <= 0:
+        return
+    recent = utcnow() - timedelta(minutes=10)
+    queued = (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.tenant_id == tenant_id,
+                or_(
+                    Job.status == "queued",
+                    and_(
+                        Job.status == "cancelled",
+                        Job.started_at.is_(None),
+                        Job.finished_at > recent,
+                    ),
+                ),
+            )
+        )
+        or 0
+    )
+    if queued >= cap:
+        raise TooManyRequests(
+            f"you have {queued} jobs queued or cancelled before they started in the last 10 "
+            f"minutes (limit {cap}); wait for the queue to drain",
+            code="too_many_queued_jobs",
+            headers={"Retry-After": "60"},
+        )
 
 
 def check_storage(factory: sessionmaker[Session], settings: Settings, tenant_id: str, incoming: int) -> None:

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.abuse import plausible_id
 from app.deps import PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound, Unprocessable, UnsupportedMediaType, error_responses
 from app.metrics import UPLOAD_BYTES
@@ -182,7 +183,7 @@ def list_datasets(
     db: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> DatasetsPublic:
     where = DatasetFile.tenant_id == principal.tenant_id
     count = db.scalar(select(func.count()).select_from(DatasetFile).where(where)) or 0
@@ -197,7 +198,7 @@ def list_datasets(
 
 
 def get_owned(db: Session, tenant_id: str, dataset_id: str) -> DatasetFile:
-    row = db.get(DatasetFile, dataset_id)
+    row = db.get(DatasetFile, dataset_id) if plausible_id(dataset_id) else None
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no dataset {dataset_id!r}; list yours with GET /v1/datasets")
     return row

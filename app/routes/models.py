@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.abuse import plausible_id
 from app.config import Settings
 from app.deps import PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound, error_responses
@@ -128,7 +129,7 @@ def list_models(
     db: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> ModelsPublic:
     where = ModelFile.tenant_id == principal.tenant_id
     count = db.scalar(select(func.count()).select_from(ModelFile).where(where)) or 0
@@ -143,7 +144,7 @@ def list_models(
 
 
 def get_owned(db: Session, tenant_id: str, model_id: str) -> ModelFile:
-    row = db.get(ModelFile, model_id)
+    row = db.get(ModelFile, model_id) if plausible_id(model_id) else None
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no model {model_id!r}; list yours with GET /v1/models")
     return row
