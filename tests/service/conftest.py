@@ -40,6 +40,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
         max_attempts=2,
         progress_min_interval_s=0.2,
         events_poll_interval_s=0.2,
+        upload_idle_timeout_s=3.0,
+        cancel_grace_s=3.0,
     )
     servicekit.flush_redis(REDIS_DB)
     migrate(settings)
