@@ -551,6 +551,8 @@ def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
                 )
                 out["requeued"].append(job.id)
         for job in lost_queued_jobs(s, settings, now):
+            if job.id in out["requeued"]:  # published once below already
+                continue
             add_event(s, job, "log", "not picked up by a worker; publishing it again")
             out["republished"].append(job.id)
     celery = celery_app
