@@ -400,7 +400,7 @@ def main() -> None:
             total += 1
             statuses[code] = statuses.get(code, 0) + 1
             fivexx += code >= 500
-        for label, (name, data) in bombs().items():
+        for name, data in bombs().values():
             total += 1
             code = c.post("/v1/datasets", headers={"Authorization": f"Bearer {victim['key']}"}, files={"file": (name, data)}).status_code
             statuses[code] = statuses.get(code, 0) + 1
