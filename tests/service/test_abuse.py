@@ -181,7 +181,7 @@ def test_the_old_500s_are_4xx_over_real_http(stack, sdk, uploaded):
             c.get("/v1/jobs", headers=h, params={"offset": 2**63}),
             c.get(ev, headers=jh, params={"after": 2**63}),
             c.get(ev, headers={**jh, "Last-Event-ID": "9" * 5000}),
-            c.get(ev, headers={**jh, "Last-Event-ID": "²"}),
+            c.get(ev, headers={**jh, "Last-Event-ID": "²".encode()}),
             c.get("/v1/jobs/job_%00", headers=h),
             c.post("/v1/jobs", headers={**h, "Content-Type": "application/json"},
                    content=b'{"model_id": "m", "dataset_id": "d", "method": {"name": "l1_norm"}, '
