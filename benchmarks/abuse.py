@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
@@ -95,6 +96,7 @@ def png_zip(side: int) -> bytes:
     return buf.getvalue()
 
 
+@functools.cache
 def bombs() -> dict[str, tuple[str, bytes]]:
     return {
         "tar.gz, 1 GiB member": ("b.tar.gz", targz_bomb(1 << 30)),
