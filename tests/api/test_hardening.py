@@ -308,3 +308,114 @@ def test_openapi_documents_422_as_the_error_body(client):
                 assert ref.endswith("/ErrorBody"), (path, method)
     data_spec = schema["components"]["schemas"]["DataSpec"]["properties"]["image_size"]
     assert data_spec["anyOf"][0]["prefixItems"][0]["maximum"] == 1024
+
+
+# ------------------------------------------------------------------ worker-side helpers
+
+
+def _job_row(s, tenant_id: str, **values):  # type: ignore[no-untyped-def]
+    from app.models import Job
+
+    job = Job(tenant_id=tenant_id, spec={}, attempts=0, max_attempts=3, **values)
+    s.add(job)
+    s.flush()
+    return job
+
+
+def test_reaper_republishes_only_really_lost_messages(client, tenant):
+    """A job waiting behind a running one is not lost; once a job published after it has
+    been claimed (the queue went past it) or the workers are idle, it is."""
+    from datetime import timedelta
+
+    from app.db import transaction
+    from app.models import Job, utcnow
+    from workers.resilience import lost_queued_jobs
+
+    factory = client.app.state.sessionmaker
+    settings = client.app.state.settings.model_copy(update={"requeue_queued_after_s": 60})
+    now = utcnow()
+    old = now - timedelta(minutes=5)
+    with transaction(factory) as s:
+        s.query(Job).filter(Job.status.in_(("queued", "running", "cancelling"))).update(
+            {"status": "cancelled"}, synchronize_session=False
+        )
+        waiting = _job_row(s, tenant["tenant_id"], status="queued", enqueued_at=old, created_at=old)
+        busy = _job_row(s, tenant["tenant_id"], status="running", enqueued_at=old - timedelta(minutes=1),
+                        started_at=old, heartbeat_at=now)
+        fresh = _job_row(s, tenant["tenant_id"], status="queued", enqueued_at=now, created_at=now)
+        never = _job_row(s, tenant["tenant_id"], status="queued", created_at=now - timedelta(minutes=1))
+        ids = {waiting.id, busy.id, fresh.id, never.id}
+    with transaction(factory) as s:
+        lost = {j.id for j in lost_queued_jobs(s, settings, utcnow())} & ids
+    assert lost == {never.id}  # waiting sits behind a busy worker: not lost
+    with transaction(factory) as s:  # a job published after `waiting` was claimed
+        _job_row(s, tenant["tenant_id"], status="succeeded", enqueued_at=old + timedelta(seconds=5),
+                 started_at=old + timedelta(seconds=10))
+    with transaction(factory) as s:
+        lost = {j.id for j in lost_queued_jobs(s, settings, utcnow())} & ids
+    assert lost == {never.id, waiting.id}
+    with transaction(factory) as s:
+        for j in s.query(Job).filter(Job.id.in_(ids)):
+            j.status = "cancelled"
+
+
+def test_orphaned_run_dirs_and_expired_artifacts_are_removed(client, tenant, tmp_path):
+    import os
+    import socket
+    from datetime import timedelta
+
+    from app.db import transaction
+    from app.models import Job, utcnow
+    from app.storage import job_prefix
+    from workers.resilience import clean_orphan_runs, expire_artifacts
+
+    factory = client.app.state.sessionmaker
+    storage = client.app.state.storage
+    with transaction(factory) as s:
+        live = _job_row(s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:{os.getpid()}")
+        dead = _job_row(s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:999999999")
+        done = _job_row(s, tenant["tenant_id"], status="succeeded", finished_at=utcnow() - timedelta(days=3),
+                        artifacts={"model.onnx": {"key": "k", "size": 1}})
+        ids = (live.id, dead.id, done.id)
+    runs = tmp_path / "runs"
+    for job_id in ids:
+        (runs / f"{job_id}-abc").mkdir(parents=True)
+    removed = clean_orphan_runs(factory, tmp_path, min_age_s=0)
+    assert sorted(removed) == sorted([f"{dead.id}-abc", f"{done.id}-abc"])
+    assert (runs / f"{live.id}-abc").is_dir()
+
+    artifact = storage.root / job_prefix(tenant["tenant_id"], done.id) / "model.onnx"
+    artifact.parent.mkdir(parents=True)
+    artifact.write_bytes(b"x")
+    settings = client.app.state.settings
+    assert expire_artifacts(factory, storage, settings) == []  # retention off
+    expired = expire_artifacts(factory, storage, settings.model_copy(update={"artifact_retention_days": 1}))
+    assert done.id in expired and not artifact.exists()
+    with transaction(factory) as s:
+        assert s.get(Job, done.id).artifacts is None
+        for job_id in ids:
+            s.get(Job, job_id).status = "cancelled"
+
+
+def test_transient_errors_are_retried_with_backoff_and_others_are_not():
+    import sqlalchemy.exc
+
+    from workers.resilience import retry_transient
+
+    calls, sleeps = [], []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 4:
+            raise sqlalchemy.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError())
+        return "ok"
+
+    assert retry_transient(flaky, "test", sleep=sleeps.append) == "ok"
+    assert sleeps == [0.5, 1.0, 2.0]
+    with pytest.raises(ValueError):
+        retry_transient(lambda: (_ for _ in ()).throw(ValueError("bug")), "test", sleep=sleeps.append)
+    with pytest.raises(sqlalchemy.exc.OperationalError):  # the budget runs out
+        retry_transient(
+            lambda: (_ for _ in ()).throw(sqlalchemy.exc.OperationalError("x", {}, OSError())),
+            "test", budget_s=0.0, sleep=sleeps.append,
+        )
