@@ -10,6 +10,8 @@ Prints one table:
 * the API process's peak RSS (VmHWM) after the decompression/decode bombs are uploaded;
 * tenant B's queue delay (submit → running) while tenant A churns `--churn` submit+cancel,
   with the queued-jobs cap switched off so only the worker's no-op fast path is measured;
+* how long a cancel takes to land while the engine sits in a stage that never checks for it
+  (loading a `--cancel-nodes` chain model): the hard stop's bound is heartbeat + grace;
 * the number of 5xx answers to the hostile request set.
 
 PRUNERY_ENVIRONMENT is `test` only because the development Postgres has no password (which
@@ -277,6 +279,7 @@ def main() -> None:
     ap.add_argument("--stalled", type=int, default=60)
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--churn", type=int, default=200)
+    ap.add_argument("--cancel-nodes", type=int, default=6000, help="elementwise nodes of the model whose load is cancelled")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -388,6 +391,29 @@ def main() -> None:
         rows.append((f"tenant A churn: {accepted} submit+cancel in", f"{churn_s:.1f} s", ""))
         rows.append(("tenant B queue delay (submit → running) / its job's duration", f"{delay:.1f} s / {duration:.1f} s ({job['status']})", "delay < one job"))
         churn_api.stop()
+
+        # --- a cancel during a stage that never checks (a long, silent model load)
+        hostile.chain_model(root / "chain.onnx", args.cancel_nodes)
+        mc = c.post("/v1/models", headers=hb, files={"file": ("chain.onnx", (root / "chain.onnx").read_bytes())})
+        assert mc.status_code == 201, mc.text
+        job = c.post("/v1/jobs", headers=hb, json=spec(mc.json()["id"], db)).json()
+        deadline = time.monotonic() + 300
+        while c.get(f"/v1/jobs/{job['id']}", headers=hb).json()["status"] != "running":
+            assert time.monotonic() < deadline, "the chain job never started"
+            time.sleep(0.3)
+        time.sleep(3.0)
+        t0 = time.monotonic()
+        c.post(f"/v1/jobs/{job['id']}/cancel", headers=hb)
+        while (state := c.get(f"/v1/jobs/{job['id']}", headers=hb).json())["status"] not in ("cancelled", "failed", "succeeded"):
+            assert time.monotonic() - t0 < 300, "the cancel never landed"
+            time.sleep(0.2)
+        landed = time.monotonic() - t0
+        bound = settings.heartbeat_interval_s + settings.cancel_grace_s
+        rows.append((
+            f"cancel during a silent {args.cancel_nodes}-node load: until {state['status']}",
+            f"{landed:.1f} s (bound {bound:g} s = heartbeat + grace)",
+            "< 30 s",
+        ))
 
         # --- hostile set
         fivexx = 0

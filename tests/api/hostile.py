@@ -4,6 +4,7 @@ Shared by tests/api/test_hardening.py, tests/service/test_abuse.py and benchmark
 from __future__ import annotations
 
 import io
+import os
 import struct
 import tarfile
 import zipfile
@@ -112,3 +113,33 @@ def tiny_png_zip(size: int = 8, n: int = 2) -> bytes:
                 Image.new("RGB", (size, size), (i * 40, 0, 0)).save(img, format="PNG")
                 zf.writestr(f"{split}/c{i % 2}/{i}.png", img.getvalue())
     return buf.getvalue()
+
+
+def chain_model(path: str | os.PathLike[str], n: int) -> None:
+    """Conv → n elementwise ops → Gemm: loading it takes tens of seconds and no stage in
+    load reports progress, so only the hard stop can end a cancel in time."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["h0"], pads=[1, 1, 1, 1])]
+    for i in range(n):
+        nodes.append(helper.make_node("Relu" if i % 2 == 0 else "Neg", [f"h{i}"], [f"h{i + 1}"]))
+    nodes += [
+        helper.make_node("Flatten", [f"h{n}"], ["f"]),
+        helper.make_node("Gemm", ["f", "gw", "gb"], ["y"], transB=1),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.1).astype(np.float32), "w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+        numpy_helper.from_array((rng.standard_normal((10, 512)) * 0.01).astype(np.float32), "gw"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "gb"),
+    ]
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
