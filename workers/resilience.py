@@ -88,22 +88,30 @@ _parent_engine: Any = None
 
 
 def _job_status(job_id: str) -> str | None:
-    """The job's status, read from the worker's main process (NullPool: no connection is
-    held, and none is inherited by the pool children forked later)."""
+    """The job's status, read from the worker's main process over one pooled connection
+    (a skip costs one indexed query, ~1 ms). Pool children forked later never use it: they
+    drop their inherited copy without closing the parent's socket (see `_after_fork`)."""
     global _parent_engine
     from sqlalchemy import create_engine
-    from sqlalchemy.pool import NullPool
 
     from app.config import get_settings
 
     if _parent_engine is None:
         settings = get_settings()
-        kwargs: dict[str, Any] = {"poolclass": NullPool}
+        kwargs: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True}
         if not settings.is_sqlite:
             kwargs["connect_args"] = {"connect_timeout": 3}
         _parent_engine = create_engine(settings.database_url, **kwargs)
     with Session(_parent_engine) as s:
         return s.scalar(select(Job.status).where(Job.id == job_id)) or "missing"
+
+
+def _after_fork() -> None:
+    if _parent_engine is not None:
+        _parent_engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class JobRequest(Request):

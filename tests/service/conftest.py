@@ -26,7 +26,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     root = tmp_path_factory.mktemp("service")
     settings = Settings(
         environment="test",
-        database_url=servicekit.fresh_schema(SCHEMA),
+        # application_name: pg_stat_activity tells the stack's connections from others'
+        database_url=servicekit.fresh_schema(SCHEMA) + f"&application_name={SCHEMA}",
         broker_url=servicekit.redis_url(REDIS_DB),
         storage_dir=root / "artifacts",
         worker_cache_dir=root / "worker-cache",

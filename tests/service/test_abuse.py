@@ -37,13 +37,16 @@ def _new_key(stack) -> str:  # type: ignore[no-untyped-def]
 
 
 def _idle_in_transaction() -> int:
+    """Connections of this stack (API and worker) sitting in an open transaction."""
     import psycopg
     import servicekit
+    from e2ekit import SCHEMA
 
     with psycopg.connect(servicekit.PG_URL.replace("postgresql+psycopg", "postgresql")) as conn:
         return conn.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
-            "AND state_change < now() - interval '1 second'"
+            "AND application_name = %s AND state_change < now() - interval '1 second'",
+            (SCHEMA,),
         ).fetchone()[0]
 
 
