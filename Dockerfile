@@ -34,7 +34,8 @@ USER prunery
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--forwarded-allow-ips", "*"]
+# Trusted proxies come from $FORWARDED_ALLOW_IPS (uvicorn's default source; 127.0.0.1 if unset).
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--timeout-keep-alive", "5"]
 
 # ---------------------------------------------------------------- worker: torch + CUDA
 FROM runtime AS worker

@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-full test-gpu test-engine test-service lint bench bench-engine bench-service clean
+.PHONY: setup demo test test-full test-gpu test-engine test-service test-schemathesis lint bench bench-engine bench-service clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-engine: $(STAMP)
 
 test-service: $(STAMP)
 	$(PY) -m pytest -q tests/api tests/service
+
+# Property-based: 200 generated requests per operation, none may answer 5xx.
+test-schemathesis: $(STAMP)
+	PRUNERY_SCHEMATHESIS_EXAMPLES=200 $(PY) -m pytest -q -m schemathesis tests/api
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

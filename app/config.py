@@ -68,6 +68,65 @@ class Settings(BaseSettings):
         default=6000, description="Requests per API key per minute (in-process); 0 disables."
     )
     page_size_max: int = 200
+    max_dataset_decoded_bytes: int = Field(
+        default=4 * 1024**3,
+        description="Declared decoded size of a dataset (npy headers, image headers × float32).",
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, description="Pixels per image of an archive, read from its header."
+    )
+
+    # --- abuse control (see README "Hardening"); 0 disables a limit
+    upload_idle_timeout_s: float = Field(
+        default=30.0, description="An upload that sends nothing for this long is cut off (408)."
+    )
+    upload_max_duration_s: float = Field(
+        default=3600.0, description="An upload still arriving after this long is cut off (408)."
+    )
+    max_concurrent_uploads_per_tenant: int = Field(
+        default=4, description="Uploads in flight per tenant and API process; more → 429."
+    )
+    max_concurrent_streams_per_tenant: int = Field(
+        default=20, description="Open /events streams per tenant and API process; more → 429."
+    )
+    max_stream_duration_s: float = Field(
+        default=3600.0, description="An /events stream is closed after this long (clients resume)."
+    )
+    max_queued_jobs_per_tenant: int = Field(
+        default=20,
+        description="Queued jobs per tenant, counting jobs cancelled before they started in the "
+        "last 10 minutes (their messages may still be in the broker): submit+cancel churn → 429.",
+    )
+    uploads_per_hour_per_tenant: int = Field(default=200, description="Model+dataset uploads.")
+    storage_quota_bytes_per_tenant: int = Field(
+        default=50 * 1024**3, description="Models + datasets + artifacts a tenant may store."
+    )
+    artifact_retention_days: float = Field(
+        default=0.0, description="Finished jobs' artifacts are deleted after this (0: keep)."
+    )
+    failed_auth_per_minute: int = Field(
+        default=60, description="Requests with a bad API key per client address per minute."
+    )
+    rate_limit_storage_url: str | None = Field(
+        default=None,
+        description="`limits` storage shared by API processes (redis://...); default: the broker "
+        "when it is Redis, else process memory.",
+    )
+    metrics_enabled: bool = Field(default=True, description="Serve /metrics.")
+    metrics_token: str | None = Field(
+        default=None,
+        description="When set, /metrics needs 'Authorization: Bearer <token>'. Production "
+        "serves /metrics only with a token.",
+    )
+    forwarded_allow_ips: str = Field(
+        default="127.0.0.1",
+        description="Proxies whose X-Forwarded-For is trusted (uvicorn --forwarded-allow-ips).",
+    )
+    cancel_grace_s: float = Field(
+        default=15.0,
+        description="A running job that has not stopped this long after a cancel is killed; "
+        "cancel lands within heartbeat_interval_s + cancel_grace_s.",
+    )
 
     # --- job execution
     job_soft_time_limit_s: int = Field(
@@ -113,6 +172,14 @@ class Settings(BaseSettings):
             problems.append("PRUNERY_BROKER_URL must be a real broker (redis://...)")
         if self.storage_backend == "s3" and not self.s3_bucket:
             problems.append("PRUNERY_S3_BUCKET is required with PRUNERY_STORAGE_BACKEND=s3")
+        problems.extend(_default_credentials(self))
+        forwarded = {ip.strip() for ip in self.forwarded_allow_ips.split(",")}
+        env_forwarded = os.environ.get("FORWARDED_ALLOW_IPS", "")
+        if "*" in forwarded or "*" in {ip.strip() for ip in env_forwarded.split(",")}:
+            problems.append(
+                "forwarded IPs must name your proxies, not '*' (anyone could spoof "
+                "X-Forwarded-For and dodge per-address limits)"
+            )
         if problems:
             raise ValueError("unsafe production settings: " + "; ".join(problems))
         return self
@@ -120,6 +187,31 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+# Passwords that ship in examples and compose files; production refuses them.
+DEFAULT_PASSWORDS = frozenset(
+    {"prunery", "prunery-secret", "postgres", "password", "changeme", "minioadmin", "secret"}
+)
+
+
+def _default_credentials(settings: Settings) -> list[str]:
+    from sqlalchemy.engine import make_url
+
+    problems = []
+    try:
+        url = make_url(settings.database_url)
+        if url.password is None or str(url.password) in DEFAULT_PASSWORDS:
+            problems.append(
+                "PRUNERY_DATABASE_URL has no password or a default one; set POSTGRES_PASSWORD"
+            )
+    except Exception:
+        problems.append("PRUNERY_DATABASE_URL is not a valid SQLAlchemy URL")
+    if settings.storage_backend == "s3":
+        secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+        if secret in DEFAULT_PASSWORDS:
+            problems.append("AWS_SECRET_ACCESS_KEY is a default; set a real secret")
+    return problems
 
 
 @lru_cache

@@ -54,6 +54,10 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class RequestTimeout(ApiError):
+    status, code = 408, "request_timeout"
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
 
@@ -82,6 +86,7 @@ _DESCRIPTIONS = {
     400: "Malformed request (bad JSON or multipart body).",
     401: "Missing, unknown or revoked API key.",
     404: "No such resource for this tenant.",
+    408: "The client sent the request body too slowly or stopped sending it.",
     409: "The request conflicts with the resource's state.",
     413: "Upload larger than the server's limit.",
     415: "Wrong content type or file format.",
@@ -134,7 +139,13 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            400: "bad_request",
+            408: "request_timeout",
+            413: "payload_too_large",
+        }
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             detail = "no such endpoint; see /docs for the API"
@@ -162,3 +173,32 @@ def install_handlers(app: FastAPI) -> None:
         return _render(
             500, "internal_error", f"internal error ({type(exc).__name__}); it was logged"
         )
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make OpenAPI say what the handlers send: every 422 is an `ErrorBody` (FastAPI would
+    otherwise document its own `HTTPValidationError`, which this API never returns), and every
+    operation documents 429 (rate limits) and 503 (a dependency is down)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault("ErrorBody", ErrorBody.model_json_schema())
+        ref = {"$ref": "#/components/schemas/ErrorBody"}
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.setdefault("responses", {})
+                for status in ("422",) if "422" in responses else ():
+                    responses[status] = {
+                        "description": _DESCRIPTIONS[422],
+                        "content": {"application/json": {"schema": ref}},
+                    }
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from app.abuse import BodyGuard, ConcurrencyCaps, RateLimits
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
-from app.deps import RateLimiter
-from app.errors import install_handlers
+from app.errors import document_errors, install_handlers
 from app.metrics import MetricsMiddleware
 from app.routes import datasets, jobs, meta, models
 from app.storage import make_storage
@@ -58,9 +58,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = make_storage(settings)
     app.state.celery = make_celery(settings)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.rate_limits = RateLimits(settings)
+    app.state.caps = ConcurrencyCaps(settings)
 
     install_handlers(app)
+    document_errors(app)
+    app.add_middleware(BodyGuard, idle_s=settings.upload_idle_timeout_s)
     app.add_middleware(MetricsMiddleware)
     for module in (models, datasets, jobs, meta):
         app.include_router(module.router)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -37,6 +36,15 @@ JOBS_BY_STATUS = Gauge(
 )
 
 
+# Label values come only from these sets: anyone can send any method token or path, and each
+# new label value would be a new series kept forever.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _status_label(code: int) -> str:
+    return str(code) if 100 <= code <= 599 else "other"
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streaming responses)."""
 
@@ -60,6 +68,7 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = Request(scope).method
-            HTTP_REQUESTS.labels(method, template, str(status["code"])).inc()
+            method = scope.get("method", "")
+            method = method if method in _METHODS else "other"
+            HTTP_REQUESTS.labels(method, template, _status_label(status["code"])).inc()
             HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - start)

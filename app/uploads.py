@@ -5,6 +5,7 @@ soon as it crosses the limit.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file part
 MAX_FIELD_BYTES = 64 * 1024
@@ -36,8 +37,36 @@ class Upload:
 
 
 def clean_filename(raw: str) -> str:
+    # Control characters (NUL above all: Postgres refuses it in text) never reach the database.
+    raw = "".join(c for c in raw if ord(c) >= 32 and ord(c) != 127)
     name = PurePosixPath(raw.replace("\\", "/")).name.strip()
     return name[-255:] if name else "upload"
+
+
+async def _chunks(request: Request, idle_s: float, total_s: float):  # type: ignore[no-untyped-def]
+    """The request body, cut off (408) when the client stalls for `idle_s` or the whole body
+    takes longer than `total_s` (slowloris); 0 disables either bound."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + total_s if total_s > 0 else None
+    stream = request.stream().__aiter__()
+    while True:
+        wait = idle_s if idle_s > 0 else None
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RequestTimeout(f"the upload took longer than {total_s:.0f} s; it was cut off")
+            wait = left if wait is None else min(wait, left)
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=wait)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the client sent nothing for {idle_s:.0f} s; the upload was cut off"
+                if deadline is None or loop.time() < deadline
+                else f"the upload took longer than {total_s:.0f} s; it was cut off"
+            ) from None
+        yield chunk
 
 
 class _Receiver:
@@ -71,9 +100,13 @@ class _Receiver:
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self.header_field += data[start:end]
+        if len(self.header_field) > MAX_FIELD_BYTES:
+            raise BadRequest("a multipart part header is too long")
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
         self.header_value += data[start:end]
+        if len(self.header_value) > MAX_FIELD_BYTES:
+            raise BadRequest("a multipart part header is too long")
 
     def on_header_end(self) -> None:
         self.headers[self.header_field.lower()] = self.header_value
@@ -119,6 +152,8 @@ async def receive_upload(
     max_bytes: int,
     suffix_for: Callable[[str], str] = lambda name: "",
     file_field: str = "file",
+    idle_timeout_s: float = 30.0,
+    max_duration_s: float = 3600.0,
 ) -> Upload:
     """Stream the multipart body's `file` part into a fresh directory under `staging_dir`."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
@@ -130,6 +165,11 @@ async def receive_upload(
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadRequest("the multipart Content-Type has no boundary")
+    if len(boundary) > 70 or not boundary.isascii():
+        # RFC 2046: 1 to 70 characters. Checked before any staging directory exists.
+        raise BadRequest(
+            f"the multipart boundary is {len(boundary)} bytes long; RFC 2046 allows 1 to 70 ASCII characters"
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(
@@ -139,40 +179,32 @@ async def receive_upload(
     staging_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="up-", dir=staging_dir))
     receiver = _Receiver(workdir, suffix_for, max_bytes, file_field)
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": receiver.on_part_begin,
-            "on_part_data": receiver.on_part_data,
-            "on_part_end": receiver.on_part_end,
-            "on_header_field": receiver.on_header_field,
-            "on_header_value": receiver.on_header_value,
-            "on_header_end": receiver.on_header_end,
-            "on_headers_finished": receiver.on_headers_finished,
-        },
-    )
     try:
-        async for chunk in request.stream():
+        parser = _parser(boundary, receiver)
+    except Exception as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise BadRequest(f"malformed multipart Content-Type: {exc}") from None
+    try:
+        async for chunk in _chunks(request, idle_timeout_s, max_duration_s):
             if chunk:
                 parser.write(chunk)
         parser.finalize()
-    except (PayloadTooLarge, BadRequest, UnsupportedMediaType) as exc:
+    except (PayloadTooLarge, BadRequest, UnsupportedMediaType, RequestTimeout) as exc:
         if receiver.fh is not None:
             receiver.fh.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        if isinstance(exc, PayloadTooLarge):
+        if isinstance(exc, (PayloadTooLarge, RequestTimeout)):
             exc.headers["Connection"] = "close"
         raise
-    except ClientDisconnect:
+    except BaseException as exc:
         if receiver.fh is not None:
             receiver.fh.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        raise BadRequest("the client disconnected before the upload finished") from None
-    except Exception as exc:  # the multipart parser's own errors
-        if receiver.fh is not None:
-            receiver.fh.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise BadRequest(f"malformed multipart body: {exc}") from None
+        if isinstance(exc, ClientDisconnect):
+            raise BadRequest("the client disconnected before the upload finished") from None
+        if isinstance(exc, Exception):  # the multipart parser's own errors
+            raise BadRequest(f"malformed multipart body: {exc}") from None
+        raise  # cancellation: the staging directory is gone already
     if receiver.fh is not None and not receiver.fh.closed:
         receiver.fh.close()
     if receiver.path is None:
@@ -188,4 +220,19 @@ async def receive_upload(
         sha256=receiver.hasher.hexdigest(),
         size=receiver.size,
         fields=receiver.fields,
+    )
+
+
+def _parser(boundary: bytes, receiver: _Receiver) -> MultipartParser:
+    return MultipartParser(
+        boundary,
+        {
+            "on_part_begin": receiver.on_part_begin,
+            "on_part_data": receiver.on_part_data,
+            "on_part_end": receiver.on_part_end,
+            "on_header_field": receiver.on_header_field,
+            "on_header_value": receiver.on_header_value,
+            "on_header_end": receiver.on_header_end,
+            "on_headers_finished": receiver.on_headers_finished,
+        },
     )

@@ -24,7 +24,9 @@ REAP = "workers.tasks.reap"
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
-    app = Celery("prunery", include=["workers.tasks"])
+    # PruneryTask's request class skips messages of finished/cancelled jobs in the worker's
+    # main process, before a pool child is started for them (workers/resilience.py).
+    app = Celery("prunery", include=["workers.tasks"], task_cls="workers.resilience:PruneryTask")
 
     transport_options: dict[str, object] = {}
     if settings.broker_url.startswith("filesystem"):

@@ -20,12 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from workers.dataset_checks import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    Limits,
+    inspect_dataset,
+    iter_members,
+    split_class,
+)
 from workers.errors import BadDataset
 
-MAX_ARCHIVE_BYTES = 4 * 1024**3  # total uncompressed
-MAX_MEMBERS = 500_000
-MAX_RATIO = 200.0  # uncompressed / compressed, per member and in total
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+__all__ = ["IMAGE_SUFFIXES", "Dataset", "load_dataset", "load_image_archive", "load_npz"]
 
 
 @dataclass
@@ -146,70 +151,16 @@ def load_npz(path: str | os.PathLike[str], task: str = "classification", split: 
 # ---------------------------------------------------------------- archives
 
 
-def _safe_name(name: str) -> PurePosixPath:
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or name.startswith(("/", "\\")) or ".." in p.parts or (p.parts and ":" in p.parts[0]):
-        raise BadDataset(f"archive member {name!r} has an unsafe path (absolute or with '..'); refusing the archive")
-    return p
-
-
-def _iter_archive(path: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """Yield (safe relative path, bytes) of regular files, with bomb and traversal guards."""
-    compressed = max(path.stat().st_size, 1)
-    total = 0
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_MEMBERS:
-                raise BadDataset(f"the archive has {len(infos)} members, over the {MAX_MEMBERS} limit")
-            declared = sum(i.file_size for i in infos)
-            if declared > MAX_ARCHIVE_BYTES or declared / compressed > MAX_RATIO:
-                raise BadDataset(
-                    f"the archive expands to {declared} bytes from {compressed} "
-                    f"(ratio {declared / compressed:.0f}); refusing a possible zip bomb"
-                )
-            for info in infos:
-                name = _safe_name(info.filename)
-                mode = (info.external_attr >> 16) & 0o170000
-                if mode == 0o120000:
-                    raise BadDataset(f"archive member {info.filename!r} is a symbolic link; refusing the archive")
-                if info.is_dir():
-                    continue
-                # Read with a hard cap: declared sizes can lie.
-                with zf.open(info) as fh:
-                    data = fh.read(info.file_size + 1)
-                if len(data) > info.file_size:
-                    raise BadDataset(f"archive member {info.filename!r} is larger than it declares")
-                total += len(data)
-                if total > MAX_ARCHIVE_BYTES:
-                    raise BadDataset("the archive expands past the size limit")
-                yield name, data
-        return
-    try:
-        tf = tarfile.open(path, "r:*")
-    except tarfile.TarError:
-        raise BadDataset("the archive is neither a zip nor a tar file") from None
-    with tf:
-        count = 0
-        for member in tf:
-            count += 1
-            if count > MAX_MEMBERS:
-                raise BadDataset(f"the archive has more than {MAX_MEMBERS} members")
-            name = _safe_name(member.name)
-            if member.issym() or member.islnk() or member.isdev():
-                raise BadDataset(f"archive member {member.name!r} is a link or device; refusing the archive")
-            if not member.isfile():
-                continue
-            total += member.size
-            if total > MAX_ARCHIVE_BYTES or total / compressed > MAX_RATIO * 10:
-                raise BadDataset("the archive expands past the size or ratio limit (possible bomb)")
-            fh = tf.extractfile(member)
-            if fh is None:
-                continue
-            data = fh.read(member.size + 1)
-            if len(data) > member.size:
-                raise BadDataset(f"archive member {member.name!r} is larger than it declares")
-            yield name, data
+def _iter_archive(path: Path, limits: Limits | None = None) -> Iterator[tuple[PurePosixPath, bytes]]:
+    """Yield (safe relative path, bytes) of regular image files of the archive's splits, with
+    the bomb, link and traversal guards of `workers.dataset_checks.iter_members`."""
+    for name, size, fh in iter_members(path, limits or Limits()):
+        if split_class(name) is None:
+            continue
+        data = fh.read(size + 1)
+        if len(data) > size:
+            raise BadDataset(f"archive member {str(name)!r} is larger than it declares")
+        yield name, data
 
 
 def load_image_archive(
@@ -222,7 +173,7 @@ def load_image_archive(
     """`train/<class>/*.png` and `test/<class>/*.png` → float32 NCHW arrays."""
     from PIL import Image, UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = 50_000_000  # decompression-bomb guard for single images
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # decode-bomb guard (headers were checked already)
     splits: dict[str, list[tuple[str, np.ndarray]]] = {"train": [], "test": []}
     for name, data in _iter_archive(Path(path)):
         parts = [p for p in name.parts if p not in ("", ".")]
@@ -278,8 +229,8 @@ def load_dataset(
     std: list[float] | None = None,
 ) -> Dataset:
     path = Path(path)
-    if not path.is_file():
-        raise BadDataset(f"dataset file {str(path)!r} does not exist")
+    # Headers first: a decompression or decode bomb is refused before anything is expanded.
+    inspect_dataset(path, task=task, split=split, image_size=image_size, grayscale=grayscale)
     if path.suffix == ".npz":
         return load_npz(path, task=task, split=split, seed=seed)
     if zipfile.is_zipfile(path) or tarfile.is_tarfile(path):

@@ -31,10 +31,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.exc import OperationalError
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from celery.signals import worker_init, worker_process_init, worker_ready
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -45,6 +44,15 @@ from app.storage import Storage, job_prefix, make_storage
 from workers.celery_app import REAP, RUN_JOB
 from workers.celery_app import app as celery_app
 from workers.errors import Cancelled, EngineError
+from workers.resilience import (
+    Unclaimable,
+    clean_orphan_runs,
+    expire_artifacts,
+    hard_stop,
+    is_transient,
+    lost_queued_jobs,
+    retry_transient,
+)
 
 log = logging.getLogger("prunery.worker")
 
@@ -77,6 +85,16 @@ def _preload_engine(**_: Any) -> None:
     so forking afterwards is safe."""
     if get_settings().worker_preload_engine:
         import workers.engine.pipeline  # noqa: F401
+
+
+@worker_ready.connect
+def _clean_runs(**_: Any) -> None:
+    """Run directories left by runs that were killed before this worker started."""
+    try:
+        rt = runtime()
+        clean_orphan_runs(rt.factory, Path(rt.settings.worker_cache_dir), min_age_s=0)
+    except Exception:
+        log.exception("could not clean orphaned run directories")
 
 
 @worker_process_init.connect
@@ -179,8 +197,9 @@ def claim(rt: Runtime, job_id: str) -> tuple[str, dict[str, Any]] | str:
 class JobReporter:
     """The engine's progress callback plus a heartbeat thread, both writing to the row."""
 
-    def __init__(self, rt: Runtime, job_id: str, token: str) -> None:
-        self.rt, self.job_id, self.token = rt, job_id, token
+    def __init__(self, rt: Runtime, job_id: str, token: str, workdir: Path | None = None) -> None:
+        self.rt, self.job_id, self.token, self.workdir = rt, job_id, token, workdir
+        self._cancel_seen: float | None = None
         self.cancel = threading.Event()
         self.lost = threading.Event()
         self.stop = threading.Event()
@@ -217,6 +236,27 @@ class JobReporter:
                 self._touch()
             except Exception:  # the database may blip; the next beat retries
                 log.exception("heartbeat for %s failed", self.job_id)
+            if self.cancel.is_set() and not self.stop.is_set():
+                # Hard stop: a stage that never reports progress cannot see the cancel.
+                self._cancel_seen = self._cancel_seen or time.monotonic()
+                if time.monotonic() - self._cancel_seen >= self.rt.settings.cancel_grace_s:
+                    grace = self.rt.settings.cancel_grace_s
+                    note = (
+                        f"cancelled: the engine did not stop within {grace:g} s of the "
+                        "request, so its process was terminated"
+                    )
+                    hard_stop(
+                        self.workdir,
+                        lambda note=note: _finish(
+                            self.rt,
+                            self.job_id,
+                            self.token,
+                            status="cancelled",
+                            error_code="cancelled",
+                            error_detail="cancelled by the user",
+                            event_message=note,
+                        ),
+                    )
 
     def check(self) -> None:
         if self.lost.is_set():
@@ -239,7 +279,9 @@ class JobReporter:
         self._stage = stage
         try:
             self._write(stage, fraction, message, new_stage)
-        except OperationalError:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             # Progress is best effort: a database blip must not fail the job. The heartbeat
             # thread keeps trying, and the next progress call writes again.
             log.warning("job %s: progress write failed; continuing", self.job_id, exc_info=True)
@@ -308,7 +350,15 @@ def _keep_traceback(rt: Runtime, job_id: str) -> None:
 
 
 def _finish(rt: Runtime, job_id: str, token: str, **values: Any) -> bool:
-    """Write the outcome if this run still owns the job."""
+    """Write the outcome if this run still owns the job (waiting out a database outage)."""
+    return retry_transient(
+        lambda: _finish_once(rt, job_id, token, dict(values)),
+        f"finish {job_id}",
+        budget_s=max(300.0, rt.settings.heartbeat_timeout_s),
+    )
+
+
+def _finish_once(rt: Runtime, job_id: str, token: str, values: dict[str, Any]) -> bool:
     status: str = values.pop("status")
     message: str = values.pop("event_message", status)
     with transaction(rt.factory) as s:
@@ -327,7 +377,13 @@ def _finish(rt: Runtime, job_id: str, token: str, **values: Any) -> bool:
 
 
 def execute(rt: Runtime, job_id: str) -> str:
-    claimed = claim(rt, job_id)
+    try:
+        # A database outage is waited out here; it never costs the job an attempt.
+        claimed = retry_transient(lambda: claim(rt, job_id), f"claim {job_id}")
+    except Exception as exc:
+        if is_transient(exc):
+            raise Unclaimable(job_id) from exc
+        raise
     if isinstance(claimed, str):
         log.info("job %s: %s", job_id, claimed)
         return claimed
@@ -336,7 +392,7 @@ def execute(rt: Runtime, job_id: str) -> str:
     cache = Path(settings.worker_cache_dir)
     workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=_ensure(cache / "runs")))
     try:
-        with JobReporter(rt, job_id, token) as reporter:
+        with JobReporter(rt, job_id, token, workdir) as reporter:
             try:
                 from prunery.spec import JobSpec
                 from workers.engine import run as run_engine  # torch is imported here
@@ -517,25 +573,16 @@ def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
                     f"{job.attempts} of {job.max_attempts} attempts",
                 )
                 out["requeued"].append(job.id)
-        republish_before = now - timedelta(seconds=settings.requeue_queued_after_s)
-        never_before = now - timedelta(seconds=min(10.0, settings.requeue_queued_after_s))
-        lost_msgs = s.scalars(
-            select(Job)
-            .where(
-                Job.status == "queued",
-                or_(
-                    and_(Job.enqueued_at.is_(None), Job.created_at < never_before),
-                    Job.enqueued_at < republish_before,
-                ),
-            )
-            .with_for_update(skip_locked=True)
-        ).all()
-        for job in lost_msgs:
+        for job in lost_queued_jobs(s, settings, now):
+            if job.id in out["requeued"]:  # published once below already
+                continue
             add_event(s, job, "log", "not picked up by a worker; publishing it again")
             out["republished"].append(job.id)
     celery = celery_app
     for job_id in out["requeued"] + out["republished"]:
         enqueue(celery, settings, rt.factory, job_id)
+    out["expired"] = expire_artifacts(rt.factory, rt.storage, settings)
+    out["orphan_runs"] = clean_orphan_runs(rt.factory, Path(settings.worker_cache_dir))
     if any(out.values()):
         log.warning("reaper: %s", {k: v for k, v in out.items() if v})
     return out
@@ -544,7 +591,12 @@ def reap_jobs(rt: Runtime) -> dict[str, list[str]]:
 @celery_app.task(name=RUN_JOB, bind=True)
 def run_job(self: Any, job_id: str) -> str:
     """Run one job by id (the row is the truth; the message carries nothing else)."""
-    return execute(runtime(), job_id)
+    try:
+        return execute(runtime(), job_id)
+    except Unclaimable:
+        # Not acked: the message goes back to the queue and is delivered again later.
+        log.warning("job %s: database unreachable at claim; message requeued", job_id)
+        raise Reject(f"job {job_id} could not be claimed", requeue=True) from None
 
 
 @celery_app.task(name=REAP)

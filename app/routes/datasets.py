@@ -10,14 +10,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.abuse import plausible_id
 from app.deps import PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound, Unprocessable, UnsupportedMediaType, error_responses
 from app.metrics import UPLOAD_BYTES
 from app.models import ACTIVE, DatasetFile, Job, new_id
+from app.quotas import guarded_upload
 from app.schemas import DatasetPublic, DatasetsPublic
 from app.storage import Storage, dataset_key
-from app.uploads import Upload, receive_upload
-from workers.datasets import load_dataset
+from app.uploads import Upload
+from workers.dataset_checks import MAX_IMAGE_SIDE, Limits, inspect_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -66,25 +68,33 @@ def _parse_fields(fields: dict[str, str]) -> dict:  # type: ignore[type-arg]
         raise Unprocessable(f"task {task!r}: use 'classification' or 'language_modeling'")
     opts: dict = {"task": task}  # type: ignore[type-arg]
     if fields.get("image_size"):
-        try:
-            h, w = (int(v) for v in fields["image_size"].replace("x", ",").split(","))
-        except ValueError:
-            raise Unprocessable("image_size must be 'H,W', e.g. '32,32'") from None
+        raw = fields["image_size"].replace("x", ",").split(",")
+        if len(raw) != 2 or not all(v.strip().isascii() and v.strip().isdigit() for v in raw):
+            raise Unprocessable("image_size must be 'H,W', e.g. '32,32'")
+        h, w = (int(v.strip()) if len(v.strip()) <= 6 else 10**9 for v in raw)
+        if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+            raise Unprocessable(
+                f"image_size {h},{w}: height and width must be between 1 and {MAX_IMAGE_SIDE}"
+            )
         opts["image_size"] = (h, w)
     if fields.get("grayscale", "").lower() in ("1", "true", "yes"):
         opts["grayscale"] = True
     return opts
 
 
-def _store(factory, storage: Storage, tenant_id: str, up: Upload) -> tuple[DatasetFile, bool]:  # type: ignore[no-untyped-def]
+def _store(  # type: ignore[no-untyped-def]
+    factory, storage: Storage, tenant_id: str, up: Upload, limits: Limits
+) -> tuple[DatasetFile, bool]:
     with factory() as session:
         existing = _find(session, tenant_id, up.sha256)
         if existing is not None:
             return existing, False
     opts = _parse_fields(up.fields)
     suffix = dataset_suffix(up.filename)
-    ds = load_dataset(up.path, **opts)  # BadDataset → 422
-    summary = {**ds.describe(), "task": opts["task"]}
+    # Headers only (shapes × dtype, ratios, image sizes): the API never decodes a dataset;
+    # the worker does, after the same checks. BadDataset → 422.
+    ds = inspect_dataset(up.path, limits=limits, **opts)
+    summary = {**ds.describe(), "task": opts["task"], "decoded_bytes": ds.decoded_bytes}
     if "image_size" in opts:
         summary["image_size"] = list(opts["image_size"])
     row_id = new_id("ds")
@@ -98,7 +108,6 @@ def _store(factory, storage: Storage, tenant_id: str, up: Upload) -> tuple[Datas
         summary=summary,
         storage_key=dataset_key(tenant_id, row_id, suffix),
     )
-    del ds
     with factory() as session:
         storage.put_file(up.path, row.storage_key)  # the file exists before the row commits
         session.add(row)
@@ -121,7 +130,7 @@ def _store(factory, storage: Storage, tenant_id: str, up: Upload) -> tuple[Datas
     description="201 for a new dataset; 200 with the existing one when this tenant already "
     "uploaded the same bytes.",
     responses={200: {"model": DatasetPublic, "description": "Already uploaded"}}
-    | error_responses(400, 401, 413, 415, 422, 429),
+    | error_responses(400, 401, 408, 413, 415, 422, 429),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -153,14 +162,17 @@ async def upload_dataset(
     storage: StorageDep,
     factory: SessionFactoryDep,
 ) -> DatasetPublic:
-    up = await receive_upload(
-        request, storage.staging_dir(), settings.max_dataset_bytes, suffix_for=dataset_suffix
-    )
-    try:
+    async with guarded_upload(
+        request, principal.tenant_id, settings.max_dataset_bytes, dataset_suffix
+    ) as up:
         UPLOAD_BYTES.labels(kind="dataset").inc(up.size)
-        row, created = await run_in_threadpool(_store, factory, storage, principal.tenant_id, up)
-    finally:
-        up.cleanup()
+        limits = Limits(
+            max_decoded_bytes=settings.max_dataset_decoded_bytes,
+            max_image_pixels=settings.max_image_pixels,
+        )
+        row, created = await run_in_threadpool(
+            _store, factory, storage, principal.tenant_id, up, limits
+        )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/datasets/{row.id}"
     return to_public(row)
@@ -171,7 +183,7 @@ def list_datasets(
     db: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> DatasetsPublic:
     where = DatasetFile.tenant_id == principal.tenant_id
     count = db.scalar(select(func.count()).select_from(DatasetFile).where(where)) or 0
@@ -186,7 +198,7 @@ def list_datasets(
 
 
 def get_owned(db: Session, tenant_id: str, dataset_id: str) -> DatasetFile:
-    row = db.get(DatasetFile, dataset_id)
+    row = db.get(DatasetFile, dataset_id) if plausible_id(dataset_id) else None
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no dataset {dataset_id!r}; list yours with GET /v1/datasets")
     return row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.abuse import MAX_EVENT_ID, parse_last_event_id, plausible_id
 from app.deps import (
     CeleryDep,
     PrincipalDep,
@@ -27,7 +29,9 @@ from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable, error
 from app.jobs import add_event, enqueue, set_state, to_public
 from app.metrics import JOBS_SUBMITTED
 from app.models import ACTIVE, TERMINAL, DatasetFile, Job, JobEvent, ModelFile, utcnow
+from app.quotas import check_queue
 from app.schemas import JobCreate, JobEventPublic, JobPublic, JobsPublic, JobStatus
+from app.storage import job_prefix
 from workers.checks import ModelSummary, TensorInfo
 from workers.methods.catalog import check_applicable, validate_params
 
@@ -58,7 +62,7 @@ def _summary(d: dict) -> ModelSummary:  # type: ignore[type-arg]
 
 
 def _owned_input(db: Session, cls: type, tenant_id: str, ident: str, what: str, how: str):  # type: ignore[no-untyped-def]
-    row = db.get(cls, ident)
+    row = db.get(cls, ident) if plausible_id(ident) else None
     if row is None or row.tenant_id != tenant_id:
         raise Unprocessable(
             f"{what} {ident!r} does not exist; {how}", code=f"unknown_{what.split('_')[0]}"
@@ -97,7 +101,7 @@ def _request_hash(spec: JobCreate) -> str:
 
 
 def _get_owned(db: Session, tenant_id: str, job_id: str) -> Job:
-    job = db.get(Job, job_id)
+    job = db.get(Job, job_id) if plausible_id(job_id) else None
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"no job {job_id!r}; list yours with GET /v1/jobs")
     return job
@@ -167,6 +171,7 @@ def create_job(
         )
         or 0
     )
+    check_queue(db, settings, tenant)  # queued + recently churned jobs
     if active >= settings.max_active_jobs_per_tenant:
         raise TooManyRequests(
             f"you have {active} queued or running jobs (limit {settings.max_active_jobs_per_tenant}); "
@@ -226,7 +231,7 @@ def list_jobs(
     principal: PrincipalDep,
     status: Annotated[list[JobStatus] | None, Query(description="Repeat to match several.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> JobsPublic:
     where = [Job.tenant_id == principal.tenant_id]
     if status:
@@ -273,6 +278,30 @@ def cancel_job(job_id: str, db: SessionDep, principal: PrincipalDep) -> JobPubli
     return to_public(job)
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Delete a finished job with its events and artifacts",
+    description="A queued or running job is a 409: cancel it first. Artifacts are removed "
+    "from storage before the row, so nothing is left behind.",
+    responses=error_responses(401, 404, 409, 429),
+)
+def delete_job(
+    job_id: str, db: SessionDep, principal: PrincipalDep, storage: StorageDep
+) -> Response:
+    job = _get_owned(db, principal.tenant_id, job_id)
+    db.refresh(job, with_for_update=True)
+    if job.status in ACTIVE:
+        raise Conflict(
+            f"job {job.id} is {job.status}; cancel it (POST /v1/jobs/{job.id}/cancel) and "
+            "delete it once it has stopped",
+            code="job_active",
+        )
+    storage.delete_prefix(job_prefix(job.tenant_id, job.id))
+    db.delete(job)
+    return Response(status_code=204)
+
+
 def _events_after(
     factory, job_id: str, after: int, limit: int = 500
 ) -> tuple[list[JobEventPublic], str]:  # type: ignore[no-untyped-def]
@@ -294,36 +323,49 @@ def _events_after(
     "`after`), then streams new ones until the job ends. With `Accept: application/json`, "
     "returns the events after `after` as a JSON list instead.",
     responses={200: {"content": {"text/event-stream": {}, "application/json": {}}}}
-    | error_responses(401, 404, 429),
+    | error_responses(400, 401, 404, 429),
 )
 async def job_events(
     job_id: str,
     request: Request,
     principal: PrincipalDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID)] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
     factory = request.app.state.sessionmaker
+    resume = parse_last_event_id(last_event_id)  # 400 unless a plain event id
 
     def _check() -> None:
         with factory() as session:
             _get_owned(session, principal.tenant_id, job_id)
 
     await run_in_threadpool(_check)
-    if last_event_id and last_event_id.isdigit():
-        after = max(after, int(last_event_id))
+    if resume is not None:
+        after = max(after, resume)
     if "application/json" in request.headers.get(
         "accept", ""
     ) and "text/event-stream" not in request.headers.get("accept", ""):
         events, _ = await run_in_threadpool(_events_after, factory, job_id, after, 10_000)
         return JSONResponse([e.model_dump(mode="json") for e in events])
 
+    # One of the tenant's stream slots (429 past the cap), released when the stream ends. Each
+    # poll is its own short transaction: no connection is held between polls.
+    lease = request.app.state.caps.acquire("stream", principal.tenant_id)
+
     async def stream():  # type: ignore[no-untyped-def]
+        try:
+            async for chunk in _follow():
+                yield chunk
+        finally:
+            lease.release()
+
+    async def _follow():  # type: ignore[no-untyped-def]
         cursor = after
         last_sent = asyncio.get_running_loop().time()
+        ends_at = last_sent + settings.max_stream_duration_s
         yield "retry: 2000\n\n"
-        while True:
+        while asyncio.get_running_loop().time() < ends_at:
             events, status = await run_in_threadpool(_events_after, factory, job_id, cursor)
             for ev in events:
                 cursor = ev.id
@@ -340,8 +382,10 @@ async def job_events(
             if not events:
                 await asyncio.sleep(settings.events_poll_interval_s)
 
+    body = stream()
+    weakref.finalize(body, lease.release)  # also when the stream never started
     return StreamingResponse(
-        stream(),
+        body,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

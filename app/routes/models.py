@@ -10,14 +10,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.abuse import plausible_id
 from app.config import Settings
 from app.deps import PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.errors import Conflict, NotFound, error_responses
 from app.metrics import UPLOAD_BYTES
 from app.models import ACTIVE, Job, ModelFile, new_id
+from app.quotas import guarded_upload
 from app.schemas import ModelPublic, ModelsPublic
 from app.storage import Storage, model_key
-from app.uploads import Upload, receive_upload
+from app.uploads import Upload
 from workers.checks import inspect_model
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -86,7 +88,7 @@ def _store(
     description="201 for a new model; 200 with the existing model when this tenant already "
     "uploaded the same bytes (sha256).",
     responses={200: {"model": ModelPublic, "description": "Already uploaded"}}
-    | error_responses(400, 401, 413, 415, 422, 429),
+    | error_responses(400, 401, 408, 413, 415, 422, 429),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -110,16 +112,13 @@ async def upload_model(
     storage: StorageDep,
     factory: SessionFactoryDep,
 ) -> ModelPublic:
-    up = await receive_upload(
-        request, storage.staging_dir(), settings.max_model_bytes, suffix_for=lambda _n: ".onnx"
-    )
-    try:
+    async with guarded_upload(
+        request, principal.tenant_id, settings.max_model_bytes, lambda _n: ".onnx"
+    ) as up:
         UPLOAD_BYTES.labels(kind="model").inc(up.size)
         row, created = await run_in_threadpool(
             _store, factory, storage, settings, principal.tenant_id, up
         )
-    finally:
-        up.cleanup()
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/models/{row.id}"
     return to_public(row)
@@ -130,7 +129,7 @@ def list_models(
     db: SessionDep,
     principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> ModelsPublic:
     where = ModelFile.tenant_id == principal.tenant_id
     count = db.scalar(select(func.count()).select_from(ModelFile).where(where)) or 0
@@ -145,7 +144,7 @@ def list_models(
 
 
 def get_owned(db: Session, tenant_id: str, model_id: str) -> ModelFile:
-    row = db.get(ModelFile, model_id)
+    row = db.get(ModelFile, model_id) if plausible_id(model_id) else None
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no model {model_id!r}; list yours with GET /v1/models")
     return row

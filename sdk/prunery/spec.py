@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Task = Literal["classification", "language_modeling"]
 
 
+MAX_IMAGE_SIDE = 1024  # bound of data.image_size (pixels per side)
+
+# NaN and ±Infinity are refused everywhere in a spec: they cannot be stored as JSON in
+# Postgres and no field has a meaning for them.
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MethodSpec(_Strict):
-    name: str = Field(description="A registered method name, e.g. 'l1_norm' (GET /v1/methods).")
+    name: str = Field(
+        max_length=64, description="A registered method name, e.g. 'l1_norm' (GET /v1/methods)."
+    )
     params: dict[str, Any] = Field(
         default_factory=dict, description="Method parameters, validated by the method's schema."
     )
@@ -35,8 +41,9 @@ class Target(_Strict):
     params: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of the original parameters to keep."
     )
-    layers: dict[str, float] | None = Field(
+    layers: dict[Annotated[str, Field(max_length=256)], float] | None = Field(
         default=None,
+        max_length=10_000,
         description="Explicit per-layer pruning ratios {layer name: fraction of channels to remove}.",
     )
     tolerance: float = Field(
@@ -116,12 +123,20 @@ class DataSpec(_Strict):
     split: float = Field(
         default=0.2, gt=0.0, lt=1.0, description="Test fraction for an .npz holding only x, y."
     )
-    image_size: tuple[int, int] | None = Field(
-        default=None, description="Resize images of an archive to (height, width)."
-    )
+    image_size: (
+        tuple[
+            Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)],
+            Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)],
+        ]
+        | None
+    ) = Field(default=None, description="Resize images of an archive to (height, width).")
     grayscale: bool = False
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[Annotated[float, Field(ge=-1e6, le=1e6)]] | None = Field(
+        default=None, min_length=1, max_length=16, description="Per-channel mean subtracted."
+    )
+    std: list[Annotated[float, Field(gt=0.0, le=1e6)]] | None = Field(
+        default=None, min_length=1, max_length=16, description="Per-channel std divided by."
+    )
     scale: float | None = Field(
         default=None,
         gt=0.0,

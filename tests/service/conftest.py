@@ -26,7 +26,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
     root = tmp_path_factory.mktemp("service")
     settings = Settings(
         environment="test",
-        database_url=servicekit.fresh_schema(SCHEMA),
+        # application_name: pg_stat_activity tells the stack's connections from others'
+        database_url=servicekit.fresh_schema(SCHEMA) + f"&application_name={SCHEMA}",
         broker_url=servicekit.redis_url(REDIS_DB),
         storage_dir=root / "artifacts",
         worker_cache_dir=root / "worker-cache",
@@ -40,6 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
         max_attempts=2,
         progress_min_interval_s=0.2,
         events_poll_interval_s=0.2,
+        upload_idle_timeout_s=3.0,
+        cancel_grace_s=3.0,
     )
     servicekit.flush_redis(REDIS_DB)
     migrate(settings)
