@@ -26,7 +26,7 @@ from app.deps import (
     after_commit,
 )
 from app.errors import Conflict, NotFound, TooManyRequests, Unprocessable, error_responses
-from app.jobs import add_event, enqueue, set_state, to_public
+from app.jobs import ARTIFACT_NAMES, add_event, enqueue, set_state, to_public
 from app.metrics import JOBS_SUBMITTED
 from app.models import ACTIVE, TERMINAL, DatasetFile, Job, JobEvent, ModelFile, utcnow
 from app.quotas import check_queue
@@ -418,6 +418,11 @@ def job_artifact(
     job = _get_owned(db, principal.tenant_id, job_id)
     artifacts = job.artifacts or {}
     if not artifacts:
+        if name not in ARTIFACT_NAMES:
+            raise NotFound(
+                f"job {job.id} has no artifact {name!r}; once it succeeds it has "
+                f"{', '.join(ARTIFACT_NAMES)} and any file its method writes"
+            )
         raise Conflict(
             f"job {job.id} is {job.status}; artifacts exist once it has succeeded",
             code="artifact_not_ready",
