@@ -80,6 +80,7 @@ class Auto:
         extra = recovery.distill_loss(ctx.model, kd, ctx.device)
         board: list[dict[str, Any]] = []
         kept: dict[str, MethodResult] = {}
+        errors: list[Exception] = []
         n = len(p.candidates)
         for i, name in enumerate(p.candidates):
             t0 = time.perf_counter()
@@ -106,12 +107,15 @@ class Auto:
                 result.model = final
                 kept[name] = result
             except Exception as exc:  # a candidate that cannot run is a leaderboard row, not a failed job
+                errors.append(exc)
                 row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             row["seconds"] = round(time.perf_counter() - t0, 2)
             board.append(row)
         ranked = sorted((r for r in board if "val_accuracy" in r), key=lambda r: (-r["val_accuracy"], r["seconds"]))
         if not ranked:
-            raise ValueError("auto: no candidate method could prune this model: " + "; ".join(f"{r['method']}: {r['error']}" for r in board))
+            # Every candidate failed: the first one's error says why (an unreachable budget
+            # is the same for all of them) and keeps its error code.
+            raise errors[0]
         win = ranked[0]
         why = (
             f"highest validation accuracy ({win['val_accuracy']:.4f}) among {len(ranked)} candidate(s) on "
