@@ -76,7 +76,8 @@ class Config:
 
 def config(label: str, epochs: int) -> Config:
     """A configuration label: a base (see the module docstring) and optional modifiers
-    `+nokd`, `+kd`, `+a0.5` (distillation alpha), `+T2` (temperature), `+steps3`."""
+    `+nokd`, `+kd`, `+a0.5` (distillation alpha), `+T2` (temperature), `+steps3`, and method
+    parameters `+key=value` (e.g. `taylor+allocation=global`)."""
     base, *mods = label.split("+")
     if base == "old":
         cfg = Config(label, "l1_norm", {"normalizer": "none", "group_reduction": "sum"}, {"enabled": False})
@@ -95,7 +96,10 @@ def config(label: str, epochs: int) -> Config:
     else:
         cfg = Config(label, base, {})
     for mod in mods:
-        if mod == "nokd":
+        if "=" in mod:  # a method parameter, e.g. +allocation=global
+            key, value = mod.split("=", 1)
+            cfg.params[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+        elif mod == "nokd":
             cfg.distill["enabled"] = False
         elif mod == "kd":
             cfg.distill["enabled"] = True

@@ -80,10 +80,10 @@ class Distillation(_Strict):
 
     enabled: bool = Field(default=True, description="learn from the original model's logits as well as the labels")
     alpha: float = Field(
-        default=0.7, ge=0.0, le=1.0,
+        default=0.5, ge=0.0, le=1.0,
         description="weight of the distillation term; the label cross-entropy gets 1 - alpha",
     )
-    temperature: float = Field(default=4.0, gt=0.0, le=100.0, description="softmax temperature of both models' logits")
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0, description="softmax temperature of both models' logits")
 
 
 class Recovery(_Strict):

@@ -173,7 +173,23 @@ def test_progressive_steps_reach_the_target_with_the_epochs_shared_out():
 def test_distillation_is_on_by_default_and_switchable_off():
     on = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
     off = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"distill": {"enabled": False}})
-    assert recovery.distillation(on) == {"alpha": 0.7, "temperature": 4.0, "source": "recovery.distill"}
+    assert recovery.distillation(on) == {"alpha": 0.5, "temperature": 2.0, "source": "recovery.distill"}
     assert recovery.distillation(off) is None
     # a method's own distillation (TAS) wins over the spec's
     assert recovery.distillation(off, {"alpha": 0.9, "temperature": 4.0})["source"] == "method"
+
+
+def test_auto_job_reports_its_leaderboard_and_the_distillation_used(zoo_model, digits_npz, tmp_path):
+    from workers.engine import run
+
+    # Two cheap candidates keep this fast; the default candidates run in tests/test_registry.py.
+    method = {"name": "auto", "params": {"candidates": ["l1_norm", "taylor"], "screen_epochs": 0.5}}
+    spec = JobSpec(method=method, target={"flops": 0.5}, recovery={"epochs": 1})
+    report = run(spec, zoo_model("vgg"), digits_npz, tmp_path / "out", latency_runs=20)
+    assert report.method["name"] == "auto"
+    auto = report.method_details["auto"]
+    assert auto["winner"] in [r["method"] for r in auto["leaderboard"]] and auto["why"]
+    assert auto["validation_samples"] > 0 and auto["seconds"] >= auto["winner_seconds"]
+    assert report.recovery["distill_used"] == {"alpha": 0.5, "temperature": 2.0, "source": "recovery.distill"}
+    assert any("distilled" in n for n in report.notes) and any("auto chose" in n for n in report.notes)
+    assert report.target.met
