@@ -13,8 +13,8 @@ on the exported ONNX with onnxruntime (the only time the test split is read). Re
 
 Configurations (`--configs`, default all):
 
-* old      — l1_norm with the raw group sum (normalizer none), no distillation: the engine's
-             default before issue 14.
+* old      — l1_norm with the raw group sum of the group's own filters (normalizer none,
+             inputs false), no distillation: the engine's default before issue 14.
 * l1       — l1_norm with its new defaults (layer-normalised), with distillation.
 * auto     — the new default job: method auto (candidates screened on a validation split
              carved from the training data), with distillation.
@@ -23,8 +23,9 @@ Configurations (`--configs`, default all):
              defaults and distillation.
 * tp       — Torch-Pruning used by hand: BasePruner + MagnitudeImportance(p=1) (its group
              L1, mean-normalised), the same epochs on the labels.
-* Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs][:nokd]`,
-  e.g. l1:max:mean or l1:none:sum:kd (see `--help`).
+* Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs]`, e.g.
+  l1:mean:sum or l1:none:sum:inputs, and modifiers `+nokd`, `+a0.5`, `+T2`, `+steps3`,
+  `+key=value` (a method parameter) on any configuration.
 
 Prints one Markdown table (accuracy drop in points, MACs kept on the exported ONNX, wall
 seconds), a summary per configuration and target (mean and worst drop over the models), and
@@ -62,7 +63,7 @@ from workers.engine.pipeline import _dynamic_batch, _instantiate  # noqa: E402
 
 SEED = 0
 RECOVERY = {"lr": 1e-3, "batch_size": 64, "optimizer": "adam", "schedule": "cosine"}
-CONFIGS = ("old", "l1", "auto", "l1-steps", "taylor", "channel_regression", "thinet", "random", "tp")
+CONFIGS = ("old", "l1", "auto", "l1-steps", "taylor", "channel_regression", "thinet", "random", "network_slimming", "tp")
 
 
 @dataclass
@@ -80,16 +81,14 @@ def config(label: str, epochs: int) -> Config:
     parameters `+key=value` (e.g. `taylor+allocation=global`)."""
     base, *mods = label.split("+")
     if base == "old":
-        cfg = Config(label, "l1_norm", {"normalizer": "none", "group_reduction": "sum"}, {"enabled": False})
+        cfg = Config(label, "l1_norm", {"normalizer": "none", "group_reduction": "sum", "inputs": False}, {"enabled": False})
     elif base == "l1":
         cfg = Config(label, "l1_norm", {})
     elif base == "l1-steps":
         cfg = Config(label, "l1_norm", {}, steps=3)
     elif base.startswith("l1:"):
         parts = base.split(":")[1:]
-        params = {"normalizer": parts[0], "group_reduction": parts[1] if len(parts) > 1 else "sum"}
-        if "inputs" in parts:
-            params["inputs"] = True
+        params = {"normalizer": parts[0], "group_reduction": parts[1] if len(parts) > 1 else "sum", "inputs": "inputs" in parts}
         cfg = Config(label, "l1_norm", params)
     elif base == "network_slimming":
         cfg = Config(label, base, {"sparsity_epochs": epochs})

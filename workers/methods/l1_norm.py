@@ -3,10 +3,11 @@
 Li et al. score each output filter by the sum of its absolute weights and drop the
 smallest. Through the dependency graph, channels that must go together (a residual sum,
 a concat slot, a depthwise conv after it) are scored together: the score of a root
-channel is the reduction (`group_reduction`) over every coupled layer of its filter L1,
-each layer's scores first normalised (`normalizer`, e.g. by the layer's mean) so that one
-layer with large weights does not decide the whole group's cut. `normalizer="none"`,
-`group_reduction="sum"` is the raw group sum (the engine's behaviour before issue 14).
+channel is the reduction (`group_reduction`) over every coupled layer of its filter L1 —
+and, with `inputs` (the default), of the input weights of the layers that read it — each
+layer's scores optionally normalised first (`normalizer`, e.g. by the layer's mean) so that
+one layer with large weights does not decide the whole group's cut. `normalizer="none"`,
+`group_reduction="sum"`, `inputs=false` is the engine's behaviour before issue 14.
 """
 
 from __future__ import annotations
