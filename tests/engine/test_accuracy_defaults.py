@@ -4,8 +4,6 @@ distillation by default."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
@@ -105,15 +103,15 @@ class _TestSplitGuard(train.TensorData):
         return super().__getattribute__(name)
 
 
-def _small_ctx(spec: JobSpec, data: train.TensorData) -> PruneContext:
+def _small_ctx(spec: JobSpec, data: train.TensorData, trained: bool = True) -> PruneContext:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     ).eval()
-    train.train(model, dataclasses.replace(data) if not isinstance(data, _TestSplitGuard) else
-                train.TensorData(data.x_train, data.y_train, data.x_train[:1], data.y_train[:1]),
-                epochs=2, lr=3e-3, device=torch.device("cpu"))
+    if trained:
+        train.train(model, train.TensorData(data.x_train, data.y_train, data.x_train[:1], data.y_train[:1]),
+                    epochs=2, lr=3e-3, device=torch.device("cpu"))
     example = data.x_train[:1]
     analysis = graph.analyse(model, example, data.x_train[:16])
     return PruneContext(
@@ -193,3 +191,29 @@ def test_auto_job_reports_its_leaderboard_and_the_distillation_used(zoo_model, d
     assert report.recovery["distill_used"] == {"alpha": 0.5, "temperature": 2.0, "source": "recovery.distill"}
     assert any("distilled" in n for n in report.notes) and any("auto chose" in n for n in report.notes)
     assert report.target.met
+
+
+def test_cli_defaults_to_auto_and_takes_no_distill_and_steps(tmp_path):
+    from workers.engine import local
+
+    base = ["m.onnx", "--data", "d.npz", "--target-flops", "0.5", "--out", str(tmp_path)]
+    spec = local.build_spec(local.build_parser().parse_args(base))
+    assert spec.method.name == "auto" and spec.recovery.distill.enabled and spec.schedule.steps == 1
+    spec = local.build_spec(local.build_parser().parse_args([*base, "--method", "taylor", "--no-distill", "--steps", "3"]))
+    assert spec.method.name == "taylor" and not spec.recovery.distill.enabled and spec.schedule.steps == 3
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ({"method": {"name": "tas"}, "target": {"flops": 0.5}, "schedule": {"steps": 2}}, "scores channels"),
+        ({"method": {"name": "l1_norm"}, "target": {"layers": {"0": 0.5}}, "schedule": {"steps": 2}}, "target.layers"),
+        ({"method": {"name": "l1_norm"}, "target": {"flops": 0.5}, "schedule": {"steps": 2}, "recovery": {"mode": "scratch"}}, "scratch"),
+    ],
+)
+def test_progressive_refuses_what_it_cannot_step(spec, fragment):
+    from workers.errors import BadSpec
+
+    ctx = _small_ctx(JobSpec.model_validate(spec), _digits(guarded=False), trained=False)
+    with pytest.raises(BadSpec, match=fragment):
+        progressive.run(object(), ctx, spec["method"]["name"])
