@@ -90,9 +90,9 @@ class Auto:
                 progress=lambda f, m, i=i, name=name: ctx.progress((i + f) / n, f"auto: {name} {m or ''}".strip()),
             )
             try:
-                info, impl = _instantiate(name)
-                if ctx.spec.task not in info.tasks:
+                if ctx.spec.task not in catalog.get_method(name).tasks:
                     raise ValueError(f"does not support task {ctx.spec.task!r}")
+                info, impl = _instantiate(name)
                 result = progressive.run(impl, sctx, name)
                 if result.dynamic or result.recovery == "scratch":
                     raise ValueError("not a static fine-tunable result; auto only compares fine-tuned static prunings")
@@ -129,6 +129,7 @@ class Auto:
             "auto": {
                 "winner": win["method"], "why": why, "leaderboard": board,
                 "validation_samples": len(screen.x_test), "screen_epochs": p.screen_epochs,
+                "metric": "next-token accuracy" if ctx.spec.task == "language_modeling" else "top-1 accuracy",
                 "seconds": round(total, 2), "winner_seconds": win["seconds"],
                 "distill": kd,
             },
