@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data", required=True, help="an .npz / .zip / .tar(.gz) file, or a dataset id (ds_...)"
     )
     s.add_argument("--eval-data", help="a separate evaluation dataset (file or id)")
-    s.add_argument("--method", required=True, help="a method name (see `prunery methods`)")
+    s.add_argument("--method", default="auto", help="a method name (see `prunery methods`); default auto")
     s.add_argument(
         "--param",
         action="append",

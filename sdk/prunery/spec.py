@@ -82,6 +82,17 @@ class Target(_Strict):
         return self.flops if self.flops is not None else self.params
 
 
+class Distillation(_Strict):
+    """Knowledge distillation from the unpruned model during recovery (Hinton et al. 2015)."""
+
+    enabled: bool = Field(default=True, description="learn from the original model's logits as well as the labels")
+    alpha: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="weight of the distillation term; the label cross-entropy gets 1 - alpha",
+    )
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0, description="softmax temperature of both models' logits")
+
+
 class Recovery(_Strict):
     mode: Literal["finetune", "scratch", "none"] = Field(
         default="finetune",
@@ -99,6 +110,10 @@ class Recovery(_Strict):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    distill: Distillation = Field(
+        default_factory=Distillation,
+        description="distillation from the original model (on by default; {\"enabled\": false} to train on labels only)",
+    )
 
 
 class ExportSpec(_Strict):
@@ -146,13 +161,25 @@ class DataSpec(_Strict):
     )
 
 
+class PruneSchedule(_Strict):
+    steps: int = Field(
+        default=1, ge=1, le=20,
+        description="progressive pruning: reach the target in this many steps (MACs kept falls geometrically), "
+        "with an equal share of the recovery epochs after each step; the total epochs stay recovery.epochs",
+    )
+
+
 class JobSpec(_Strict):
     model_id: str | None = None
     dataset_id: str | None = None
     eval_dataset_id: str | None = None
     task: Task = "classification"
-    method: MethodSpec
+    method: MethodSpec = Field(
+        default_factory=lambda: MethodSpec(name="auto"),
+        description="the pruning method; by default 'auto' tries candidates on a validation split and keeps the best",
+    )
     target: Target
+    schedule: PruneSchedule = Field(default_factory=PruneSchedule)
     recovery: Recovery = Field(default_factory=Recovery)
     export: ExportSpec = Field(default_factory=ExportSpec)
     gates: Gates = Field(default_factory=Gates)

@@ -30,7 +30,9 @@ def test_create_job_is_202_with_location_and_enqueued_by_id(client, uploaded):
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["progress"] == 0.0 and job["attempts"] == 0
-    assert job["spec"]["method"]["params"] == {"allocation": "uniform"}  # defaults filled in
+    assert job["spec"]["method"]["params"] == {  # defaults filled in
+        "allocation": "uniform", "normalizer": "none", "group_reduction": "sum", "inputs": True,
+    }
     messages = _queue_messages(client)
     assert len(messages) == before + 1
     # kombu's Redis transport LPUSHes: the newest message is first.

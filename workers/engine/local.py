@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="the trained model, an .onnx file")
     p.add_argument("--data", type=Path, required=True, help=".npz (x_train, y_train, x_test, y_test) or an image-folder zip/tar")
     p.add_argument("--eval-data", type=Path, help="a separate evaluation dataset (its test split, or all of an .npz of x, y): accuracy and latency are measured on it")
-    p.add_argument("--method", default="l1_norm", help="pruning method (see `prunery methods`); default l1_norm")
+    p.add_argument("--method", default=None, help="pruning method (see `prunery methods`); default auto (tries candidates on a validation split)")
     p.add_argument("--task", choices=["classification", "language_modeling"], help="default: classification (or the --spec's)")
     tgt = p.add_mutually_exclusive_group(required=False)
     tgt.add_argument("--target-flops", type=float, help="fraction of MACs to keep, e.g. 0.5")
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam")
+    p.add_argument("--no-distill", action="store_true", help="recover on the labels only (default: distil from the original model)")
+    p.add_argument("--steps", type=int, help="progressive pruning: reach the target in this many steps (default 1)")
     p.add_argument("--recovery", choices=["finetune", "scratch", "none"], default="finetune")
     p.add_argument("--scratch-epochs", choices=["E", "B"], default="E", help="Scratch-E or Scratch-B (epochs x MACs_full/MACs_pruned)")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
@@ -86,7 +88,7 @@ def build_spec(args: argparse.Namespace):
             raise SystemExit(_fail(f"--method-param {item!r}: use KEY=VALUE"))
         key, value = item.split("=", 1)
         params[key.strip()] = _parse_value(value)
-    body["method"] = {"name": args.method if args.method else body.get("method", {}).get("name"), "params": params}
+    body["method"] = {"name": args.method or body.get("method", {}).get("name") or "auto", "params": params}
     target = dict(body.get("target", {}))
     if args.target_flops is not None:
         target = {"flops": args.target_flops}
@@ -103,7 +105,11 @@ def build_spec(args: argparse.Namespace):
     body["target"] = target
     rec = dict(body.get("recovery", {}))
     rec.update(mode=args.recovery, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, epochs_mode=args.scratch_epochs)
+    if args.no_distill:
+        rec["distill"] = {**rec.get("distill", {}), "enabled": False}
     body["recovery"] = rec
+    if args.steps is not None:
+        body["schedule"] = {**body.get("schedule", {}), "steps": args.steps}
     body["export"] = {**body.get("export", {}), "opset": args.opset, "round_to": args.round_to}
     if args.max_accuracy_drop is not None:
         body["gates"] = {"max_accuracy_drop": args.max_accuracy_drop}

@@ -55,6 +55,9 @@ class MethodResult:
     # and "dynamic" become the report blocks of those names (for dynamic models the report's
     # achieved MACs are dynamic["macs_mean"] / MACs before); other keys go to method_details.
     post_recovery: Callable[[nn.Module, nn.Module, train.TensorData], dict[str, Any]] | None = None
+    # Recovery epochs left for the pipeline when the method already spent part of the budget
+    # (progressive pruning fine-tunes between steps); None: recovery.epochs.
+    recovery_epochs: float | None = None
 
 
 class Method(Protocol):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 import math
 import platform
@@ -28,7 +27,7 @@ from prunery.report import (
 from prunery.spec import JobSpec
 from workers import checks, datasets
 from workers.engine import export as export_mod
-from workers.engine import graph, heads, inputs, load, train
+from workers.engine import graph, heads, inputs, load, progressive, recovery, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -227,7 +226,7 @@ def run(
         analysis=analysis, base_costs=base_costs, device=dev, seed=spec.seed,
         progress=lambda f, m: report_progress("prune", f, m),
     )
-    result: MethodResult = method.run(ctx)
+    result: MethodResult = progressive.run(method, ctx, info.name)
     pruned = result.model.cpu().eval()
     notes.extend(result.notes)
     pruned_costs = torch_costs(pruned, example)
@@ -236,24 +235,20 @@ def run(
     begin("recover")
     rec = spec.recovery
     mode = "scratch" if result.recovery == "scratch" and rec.mode != "none" else rec.mode
-    epochs = rec.epochs
+    epochs: float = rec.epochs if result.recovery_epochs is None else result.recovery_epochs
     if mode == "scratch":
         if rec.epochs_mode == "B":
             epochs = int(math.ceil(rec.epochs * base_costs.macs / max(pruned_costs.macs, 1)))
         train.reinitialize(pruned, spec.seed)
     curve: list[float] = []
-    extra = None
-    if result.distill:
-        teacher = copy.deepcopy(loaded.module).to(dev)
-        extra = train.distillation_loss(teacher, result.distill.get("alpha", 0.9), result.distill.get("temperature", 4.0))
-        notes.append(f"recovery distilled from the original model (alpha {result.distill.get('alpha', 0.9)}, T {result.distill.get('temperature', 4.0)})")
-    if result.recovery_extra_loss is not None:
-        first, second = extra, result.recovery_extra_loss
-        extra = second if first is None else (lambda m, x, y, lo: first(m, x, y, lo) + second(m, x, y, lo))
+    kd = recovery.distillation(spec, result.distill) if mode != "none" else None
+    extra = recovery.combine(recovery.distill_loss(loaded.module, kd, dev), result.recovery_extra_loss)
+    if kd:
+        notes.append(f"recovery distilled from the original model's logits (alpha {kd['alpha']}, T {kd['temperature']}, from {kd['source']})")
     if mode != "none" and epochs > 0:
-        curve = ctx.train(
-            pruned, epochs, lr=rec.lr, extra_loss=extra,
-            on_step=lambda s, total, loss: report_progress("recover", s / total, f"epoch {1 + (s - 1) * epochs // total}/{epochs} loss {loss:.4f}"),
+        curve = recovery.train_epochs(
+            ctx, pruned, epochs, lr=rec.lr, extra_loss=extra,
+            on_step=lambda s, total, loss: report_progress("recover", s / total, f"epoch {1 + int((s - 1) * math.ceil(epochs) // total)}/{math.ceil(epochs)} loss {loss:.4f}"),
         )
     pruned = pruned.cpu().eval()
     measured: dict = {}
@@ -366,7 +361,7 @@ def run(
     report = Report(
         task=spec.task,
         method={"name": info.name, "params": params.model_dump(mode="json"), "paper": info.paper},
-        recovery={**rec.model_dump(mode="json"), "mode_used": mode, "epochs_used": epochs if mode != "none" else 0},
+        recovery={**rec.model_dump(mode="json"), "mode_used": mode, "epochs_used": epochs if mode != "none" else 0, "distill_used": kd},
         target=TargetResult(
             kind=target.kind, requested=requested, achieved=round(achieved, 6),
             tolerance=target.tolerance, met=met,

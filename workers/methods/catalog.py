@@ -121,6 +121,24 @@ class L1NormParams(MethodParams):
         "global: one ranking of normalised filter norms across layers. "
         "Per-layer ratios are given with target.layers.",
     )
+    normalizer: Literal["none", "mean", "max", "sum"] = Field(
+        default="none",
+        description="how each coupled layer's filter norms are normalised before the group reduction "
+        "(mean: divided by that layer's mean), so that one layer with large weights does not decide "
+        "the cut of a residual/concat group; 'none' is the raw norm (best on the zoo together with "
+        "inputs=true at 0.5 MACs; 'mean' was best without inputs at 0.25, see benchmarks/accuracy.py)",
+    )
+    group_reduction: Literal["sum", "mean", "max", "first"] = Field(
+        default="sum",
+        description="how the coupled layers' (normalised) scores of a channel are combined; "
+        "'first' scores the group's root layer only",
+    )
+    inputs: bool = Field(
+        default=True,
+        description="also score the input-channel weights of the layers that consume the group "
+        "(as Torch-Pruning's GroupMagnitudeImportance does): what the next layer reads from a channel; "
+        "false scores only the group's own output filters (Li et al.)",
+    )
 
 
 class RandomParams(MethodParams):
@@ -148,6 +166,72 @@ register(
         paper="Control baseline (see Liu et al., Rethinking the Value of Network Pruning, ICLR 2019)",
         params=RandomParams,
         implementation="workers.methods.l1_norm:RandomChannels",
+        tasks=("classification", "language_modeling"),
+        applies=needs_prunable_layers,
+    )
+)
+
+
+# ------------------------------------------------------------------ data-driven importance and auto (issue 14)
+
+
+class TaylorParams(MethodParams):
+    batches: int = Field(default=16, ge=1, le=10_000, description="labelled training mini-batches the scores are averaged over")
+    batch_size: int = Field(default=64, ge=1, le=65_536, description="samples per mini-batch")
+    allocation: Allocation = Field(default="uniform", description="as for l1_norm")
+
+
+register(
+    MethodInfo(
+        name="taylor",
+        summary="Remove the channels with the smallest first-order Taylor estimate of the loss change "
+        "(sum of gradient x weight over the removed parameters, squared, averaged over labelled batches).",
+        paper="Molchanov, Mallya, Tyree, Frosio, Kautz. Importance Estimation for Neural Network Pruning. "
+        "CVPR 2019. arXiv:1906.10771",
+        params=TaylorParams,
+        implementation="workers.methods.taylor:Taylor",
+        tasks=("classification", "language_modeling"),
+        applies=needs_prunable_layers,
+    )
+)
+
+AUTO_CANDIDATES = ["l1_norm", "taylor", "channel_regression"]
+
+
+class AutoParams(MethodParams):
+    candidates: list[str] = Field(
+        default_factory=lambda: list(AUTO_CANDIDATES), min_length=1,
+        description="methods tried at the job's budget; each is pruned and briefly recovered on the "
+        "training data minus a validation split, and the best validation accuracy wins",
+    )
+    validation_fraction: float = Field(
+        default=0.15, gt=0.0, lt=0.5,
+        description="share of the training split held out to rank the candidates (never the test split)",
+    )
+    screen_epochs: float = Field(
+        default=1.0, gt=0.0, le=100.0,
+        description="recovery epochs each candidate gets before it is ranked (may be a fraction)",
+    )
+
+    @field_validator("candidates")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name == "auto":
+                raise ValueError("auto cannot be its own candidate")
+            if name not in _REGISTRY:
+                raise ValueError(f"unknown candidate {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+        return list(dict.fromkeys(v))
+
+
+register(
+    MethodInfo(
+        name="auto",
+        summary="Try candidate methods cheaply (short recovery) at the job's budget on a validation split "
+        "carved from the training data, keep the best and recover it fully; the report keeps the leaderboard.",
+        paper="Model selection on held-out training data; candidates' papers as listed for each method",
+        params=AutoParams,
+        implementation="workers.methods.auto:Auto",
         tasks=("classification", "language_modeling"),
         applies=needs_prunable_layers,
     )

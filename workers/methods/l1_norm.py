@@ -3,7 +3,11 @@
 Li et al. score each output filter by the sum of its absolute weights and drop the
 smallest. Through the dependency graph, channels that must go together (a residual sum,
 a concat slot, a depthwise conv after it) are scored together: the score of a root
-channel is the sum of the L1 norms of every coupled output filter.
+channel is the reduction (`group_reduction`) over every coupled layer of its filter L1 —
+and, with `inputs` (the default), of the input weights of the layers that read it — each
+layer's scores optionally normalised first (`normalizer`, e.g. by the layer's mean) so that
+one layer with large weights does not decide the whole group's cut. `normalizer="none"`,
+`group_reduction="sum"`, `inputs=false` is the engine's behaviour before issue 14.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.engine.graph import channel_scores
+from workers.engine import importance
 from workers.engine.method import MethodResult, PruneContext
 from workers.methods.catalog import L1NormParams, RandomParams
 
@@ -30,13 +34,19 @@ class L1Norm:
         self.params = params
 
     def scores(self, ctx: PruneContext) -> dict[str, torch.Tensor]:
-        dg = ctx.dependency_graph()
-        return {g.name: channel_scores(ctx.model, dg, g.name, filter_l1) for g in ctx.groups}
+        p = self.params
+        return importance.magnitude(
+            ctx.model, ctx.dependency_graph(), ctx.groups, p.normalizer, p.group_reduction, p.inputs
+        )
 
     def run(self, ctx: PruneContext) -> MethodResult:
         scores = self.scores(ctx)
         pruned, plan, details = ctx.prune_to_budget(scores, self.params.allocation)
         details["removed_channels"] = {k: len(v) for k, v in plan.items()}
+        details["importance"] = {
+            "normalizer": self.params.normalizer, "group_reduction": self.params.group_reduction,
+            "inputs": self.params.inputs,
+        }
         return MethodResult(pruned, details=details)
 
 
