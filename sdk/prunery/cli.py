@@ -1,6 +1,7 @@
 """The `prunery` command.
 
-`prunery prune ...` runs the engine locally (needs the worker extra: torch etc.);
+`prunery prune ...` and `prunery analyze ...` run the engine locally (need the worker
+extra: torch etc.);
 every other subcommand talks to a Prunery server through the SDK (httpx only).
 """
 
@@ -11,17 +12,20 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "prune":
+    if argv and argv[0] in ("prune", "analyze"):
         try:
-            from workers.engine.local import main as prune_main
+            if argv[0] == "prune":
+                from workers.engine.local import main as engine_main
+            else:
+                from workers.engine.analysis import main as engine_main
         except ImportError as exc:  # the SDK alone has no engine
             print(
-                f"prunery prune runs the engine locally and needs the worker extra "
+                f"prunery {argv[0]} runs the engine locally and needs the worker extra "
                 f"(pip install 'prunery-server[worker]'): {exc}",
                 file=sys.stderr,
             )
             return 2
-        return prune_main(argv[1:])
+        return engine_main(argv[1:])
     from prunery.remote_cli import main as remote_main
 
     return remote_main(argv)

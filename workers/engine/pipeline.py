@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import torch
 
+from prunery.html_report import render_html
 from prunery.report import (
     AccuracyResult,
     BeforeAfter,
@@ -27,6 +28,7 @@ from prunery.report import (
 )
 from prunery.spec import JobSpec
 from workers import checks, datasets
+from workers.engine import analysis as analysis_mod
 from workers.engine import export as export_mod
 from workers.engine import graph, load, train
 from workers.engine.budget import BudgetUnreachable
@@ -206,6 +208,12 @@ def run(
         progress=lambda f: report_progress("analyse", f, None),
     )
     analysis.lifted = loaded.lifted
+    # Written before pruning, so a job that fails with budget_unreachable still has it.
+    public_analysis = analysis_mod.summarize(
+        loaded.module, example, analysis, checks.summarize(loaded.onnx_model, loaded.file_bytes),
+        spec.task, spec.export.round_to,
+    )
+    export_mod.save_atomic(public_analysis.model_dump_json(indent=2).encode(), out_dir / "analysis.json")
     if not analysis.groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in analysis.excluded[:5])
         raise BudgetUnreachable(f"no layer of this model can be pruned safely ({reasons})")
@@ -387,6 +395,7 @@ def run(
     export_mod.save_atomic(pruned_bytes, out_dir / "model.onnx")
     export_mod.save_atomic(report.model_dump_json(indent=2).encode(), out_dir / "report.json")
     export_mod.save_atomic(render_markdown(report).encode(), out_dir / "report.md")
+    export_mod.save_atomic(render_html(report, public_analysis).encode(), out_dir / "report.html")
     report_progress("report", 1.0, "done")
     return report
 
