@@ -13,6 +13,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import webhooks
 from app.config import Settings
 from app.errors import ErrorBody
 from app.models import Job, JobEvent, utcnow
@@ -21,7 +22,7 @@ from app.schemas import JobPublic
 log = logging.getLogger("prunery.jobs")
 
 RUN_JOB_TASK = "workers.tasks.run_job"
-ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md")
+ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md", "report.html", "analysis.json")
 
 
 def add_event(
@@ -49,6 +50,7 @@ def set_state(session: Session, job: Job, status: str, message: str | None = Non
     job.status = status
     job.updated_at = utcnow()
     add_event(session, job, "state", message or status)
+    webhooks.record_state_change(session, job)  # the outbox row commits with the state
 
 
 def enqueue(

@@ -15,7 +15,7 @@ from app.db import make_engine, make_sessionmaker
 from app.deps import RateLimiter
 from app.errors import install_handlers
 from app.metrics import MetricsMiddleware
-from app.routes import datasets, jobs, meta, models
+from app.routes import analysis, datasets, jobs, meta, models, report_html, webhooks
 from app.storage import make_storage
 
 DESCRIPTION = """Prunery compresses neural networks: upload an ONNX model and a dataset,
@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_handlers(app)
     app.add_middleware(MetricsMiddleware)
-    for module in (models, datasets, jobs, meta):
+    for module in (models, datasets, report_html, jobs, meta, analysis, webhooks):
         app.include_router(module.router)
     logging.getLogger("prunery").setLevel(logging.INFO)
     return app

@@ -36,6 +36,8 @@ ARTIFACT_TYPES = {
     "model.onnx": "application/octet-stream",
     "report.json": "application/json",
     "report.md": "text/markdown; charset=utf-8",
+    "report.html": "text/html; charset=utf-8",
+    "analysis.json": "application/json",
 }
 
 
@@ -82,6 +84,18 @@ def _check_shapes(model: ModelFile, dataset: DatasetFile, spec: JobCreate) -> No
                 f"dataset's samples have shape {sample}",
                 code="shape_mismatch",
             )
+
+
+def check_webhook_url(spec: JobCreate) -> None:
+    """Refuse a webhook that could reach internal services (SSRF), at submit time."""
+    if spec.webhook is None:
+        return
+    from app.webhooks import RefusedURL, get_webhook_settings, resolve_checked
+
+    try:
+        resolve_checked(spec.webhook.url, get_webhook_settings())
+    except RefusedURL as exc:
+        raise Unprocessable(str(exc), code="webhook_url_refused") from None
 
 
 def _request_hash(spec: JobCreate) -> str:
@@ -152,6 +166,7 @@ def create_job(
             code="task_mismatch",
         )
     _check_shapes(model, dataset, spec)
+    check_webhook_url(spec)
 
     active = (
         db.scalar(
@@ -378,7 +393,7 @@ def job_artifact(
     size = storage.size(key)
     return StreamingResponse(
         storage.open_chunks(key),
-        media_type=ARTIFACT_TYPES[name],
+        media_type=ARTIFACT_TYPES.get(name, "application/octet-stream"),
         headers={
             "Content-Length": str(size),
             "Content-Disposition": f'attachment; filename="{job.id}-{name}"',

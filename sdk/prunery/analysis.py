@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from prunery.errors import PruneryError
+
 ANALYSIS_SCHEMA_VERSION = "1.0"
+
+
+class AnalysisFailed(PruneryError):
+    """The analysis job failed (the message says why) or did not finish in time."""
 
 
 class GroupLayer(BaseModel):

@@ -64,6 +64,8 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     while t <= hi + step * 1e-9:
         out.append(round(t, 12))
         t += step
+    if out[-1] < hi - step * 1e-9:  # the axis must reach the largest value
+        out.append(round(t, 12))
     return out
 
 
