@@ -43,7 +43,9 @@ DELIVERY_HEADER = "X-Prunery-Delivery"
 
 
 class WebhookSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PRUNERY_WEBHOOK_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PRUNERY_WEBHOOK_", extra="ignore", populate_by_name=True
+    )
 
     allowed_networks: str = Field(
         default="",
@@ -54,7 +56,9 @@ class WebhookSettings(BaseSettings):
     backoff_s: float = Field(default=5.0, gt=0, description="Delay before the 2nd attempt; doubles.")
     backoff_max_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=10.0, gt=0, description="Per-attempt HTTP timeout.")
-    sweep_interval_s: float = Field(default=2.0, gt=0, description="How often due deliveries are sent.")
+    sweep_interval_s: float = Field(
+        default=5.0, gt=0, description="How often due deliveries are sent (a beat task)."
+    )
     batch: int = Field(default=20, ge=1, description="Deliveries per sweep.")
     environment: str = Field(default="development", validation_alias="PRUNERY_ENVIRONMENT")
 

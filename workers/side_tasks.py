@@ -147,12 +147,13 @@ def store_partial_artifacts(rt: Any, tenant_id: str, job_id: str, out_dir: Path)
             continue
         try:
             key = f"{job_prefix(tenant_id, job_id)}/{name}"
-            rt.storage.put_file(path, key)
-            artifacts[name] = {
+            entry = {
                 "key": key,
                 "size": path.stat().st_size,
                 "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             }
+            rt.storage.put_file(path, key)  # the local store moves the file
+            artifacts[name] = entry
         except Exception:  # best effort: the job's failure is what matters
             log.exception("job %s: could not store %s", job_id, name)
     return artifacts
