@@ -10,9 +10,20 @@ from __future__ import annotations
 import sys
 
 
+def _remote_model(args: list[str]) -> bool:
+    """`prunery analyze mdl_...` (an uploaded model) goes to the server; a file runs locally."""
+    from pathlib import Path
+
+    model = next((a for a in args if not a.startswith("-")), "")
+    return model.startswith("mdl_") and not Path(model).exists()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("prune", "analyze"):
+    local = argv and argv[0] in ("prune", "analyze")
+    if local and argv[0] == "analyze" and _remote_model(argv[1:]):
+        local = False  # an uploaded model id: the server runs the analysis
+    if local:
         try:
             if argv[0] == "prune":
                 from workers.engine.local import main as engine_main

@@ -183,8 +183,9 @@ class Job(_Resource):
         return self.client.jobs.events(self.id, follow=follow, after=after)
 
     def download(
-        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, directory: str | os.PathLike[str], names: tuple[str, ...] | None = None
     ) -> dict[str, Path]:
+        """Every artifact of the job (or only `names`)."""
         return self.client.jobs.download(self.id, directory, names)
 
     def gate_failures(self) -> list[str]:
@@ -434,9 +435,12 @@ class Jobs(_Namespace):
                     data.append(line[5:].strip())
 
     def download(
-        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] | None = None
     ) -> dict[str, Path]:
-        """Stream artifacts into `directory` (written to a temp name, then renamed)."""
+        """Stream artifacts (default: every one the job has) into `directory` (each written
+        to a temp name, then renamed)."""
+        if names is None:
+            names = tuple(self.get(job_id).artifacts) or ARTIFACTS
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
@@ -626,7 +630,7 @@ class AsyncJob(Job):
         return await self.aclient.jobs.report(self.id)
 
     async def download(
-        self, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, directory: str | os.PathLike[str], names: tuple[str, ...] | None = None
     ) -> dict[str, Path]:  # type: ignore[override]
         return await self.aclient.jobs.download(self.id, directory, names)
 
@@ -739,8 +743,10 @@ class _AsyncJobs:
         return Report.model_validate(await self._client.request("GET", f"/v1/jobs/{job_id}/report"))
 
     async def download(
-        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] = ARTIFACTS
+        self, job_id: str, directory: str | os.PathLike[str], names: tuple[str, ...] | None = None
     ) -> dict[str, Path]:
+        if names is None:
+            names = tuple((await self.get(job_id)).artifacts) or ARTIFACTS
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
