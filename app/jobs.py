@@ -22,7 +22,14 @@ from app.schemas import JobPublic
 log = logging.getLogger("prunery.jobs")
 
 RUN_JOB_TASK = "workers.tasks.run_job"
-ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md", "report.html", "analysis.json")
+ARTIFACT_NAMES = (
+    "model.onnx",
+    "model.pt2",
+    "report.json",
+    "report.md",
+    "report.html",
+    "analysis.json",
+)
 
 
 def add_event(

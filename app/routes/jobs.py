@@ -37,6 +37,7 @@ ARTIFACT_TYPES = {
     "report.json": "application/json",
     "report.md": "text/markdown; charset=utf-8",
     "report.html": "text/html; charset=utf-8",
+    "model.pt2": "application/zip",
     "analysis.json": "application/json",
 }
 

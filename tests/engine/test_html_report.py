@@ -132,3 +132,43 @@ def test_budget_unreachable_keeps_the_analysis(zoo_model, digits_npz, tmp_path, 
     a = json.loads((out / "analysis.json").read_text())
     assert a["excluded"] and a["excluded"][0]["reason"] and a["min_macs_fraction"] > 0.001
     assert not (out / "model.onnx").exists()
+
+
+def test_model_pt2_loads_matches_onnx_and_trains(pruned, digits_npz):
+    """The pruned network as a torch.export program: same outputs as model.onnx at any batch
+    size, and a trainable module (what the README's fine-tuning snippet does)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    data = np.load(digits_npz)
+    x, y = torch.from_numpy(data["x_test"][:50]).float(), torch.from_numpy(data["y_test"][:50]).long()
+    module = torch.export.load(str(pruned / "model.pt2")).module()
+    session = ort.InferenceSession(str(pruned / "model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, 50):
+        want = session.run(None, {session.get_inputs()[0].name: x[:batch].numpy()})[0]
+        got = module(x[:batch]).detach().numpy()
+        assert np.abs(got - want).max() < 1e-4
+    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    before = torch.nn.functional.cross_entropy(module(x), y).item()
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+    assert torch.nn.functional.cross_entropy(module(x), y).item() < before
+
+
+def test_model_pt2_is_skipped_with_a_note_when_export_fails(tmp_path):
+    import torch
+
+    from workers.engine.torch_export import save_program
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # Python control flow on a value: not capturable
+                return x * 2
+            return x
+
+    notes = save_program(DataDependent(), torch.randn(1, 4), tmp_path / "model.pt2")
+    assert not (tmp_path / "model.pt2").exists() and notes and notes[0].startswith("no model.pt2")
+    assert not list(tmp_path.iterdir())

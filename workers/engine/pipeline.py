@@ -30,7 +30,7 @@ from prunery.spec import JobSpec
 from workers import checks, datasets
 from workers.engine import analysis as analysis_mod
 from workers.engine import export as export_mod
-from workers.engine import graph, load, train
+from workers.engine import graph, load, torch_export, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -393,6 +393,7 @@ def run(
     for name, payload in result.artifacts.items():
         export_mod.save_atomic(payload, out_dir / Path(name).name)
     export_mod.save_atomic(pruned_bytes, out_dir / "model.onnx")
+    report.notes.extend(torch_export.save_program(pruned, example, out_dir / "model.pt2"))
     export_mod.save_atomic(report.model_dump_json(indent=2).encode(), out_dir / "report.json")
     export_mod.save_atomic(render_markdown(report).encode(), out_dir / "report.md")
     export_mod.save_atomic(render_html(report, public_analysis).encode(), out_dir / "report.html")
