@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from app import openapi_extras
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.deps import RateLimiter
@@ -52,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         generate_unique_id_function=_operation_id,
         lifespan=lifespan,
+        docs_url=None,  # served from the package by app/openapi_extras.py (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -64,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     for module in (models, datasets, report_html, jobs, meta, analysis, webhooks):
         app.include_router(module.router)
+    openapi_extras.install(app)
     logging.getLogger("prunery").setLevel(logging.INFO)
     return app
 

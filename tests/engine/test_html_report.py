@@ -6,18 +6,15 @@ analysis a `budget_unreachable` run leaves behind."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
+from browserkit import open_page
 
 from prunery.analysis import Analysis
 from prunery.html_report import render_html
 from prunery.report import Report
 from workers.engine import analysis, local
-
-CHROMIUM = os.environ.get("PRUNERY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -29,46 +26,12 @@ def pruned(zoo_model, digits_npz, tmp_path_factory) -> Path:
     return out
 
 
-def _browser():
-    if not Path(CHROMIUM).is_file():
-        message = f"no Chromium at {CHROMIUM}: `make setup` installs it (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    return sync_api.sync_playwright()
-
-
-def _open(page_file: Path, screenshot: Path) -> dict:
-    """Load a page; return its console errors, outside requests and visible plot sizes."""
-    errors: list[str] = []
-    outside: list[str] = []
-    with _browser() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--headless"])
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(("file:", "data:", "about:")) else None)
-            page.goto(page_file.as_uri(), wait_until="load")
-            plots = {}
-            for svg in page.locator("svg.plot").all():
-                box = svg.bounding_box()
-                plots[svg.get_attribute("data-plot")] = (svg.is_visible(), box["width"] if box else 0, box["height"] if box else 0)
-            marks = page.locator("svg.plot rect, svg.plot polyline").count()
-            title = page.title()
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
-    return {"errors": errors, "outside": outside, "plots": plots, "marks": marks, "title": title}
-
-
 def test_report_html_in_a_real_browser(pruned, tmp_path):
     page = pruned / "report.html"
     html = page.read_text()
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     assert "<script" not in html and "<link" not in html
-    seen = _open(page, tmp_path / "report.png")
+    seen = open_page(page.as_uri(), tmp_path / "report.png")
     assert seen["errors"] == [] and seen["outside"] == []
     assert seen["title"].startswith("Prunery report")
     for plot in ("layer-channels", "layer-macs", "recovery-curve", "analysis-shares"):
@@ -98,7 +61,7 @@ def test_method_panels_render_in_a_browser(pruned, tmp_path):
     report.notes.append('<script>alert("x")</script><img src="https://example.com/x.png">')
     page = tmp_path / "panels.html"
     page.write_text(render_html(report, Analysis.model_validate_json((pruned / "analysis.json").read_text())))
-    seen = _open(page, tmp_path / "panels.png")
+    seen = open_page(page.as_uri(), tmp_path / "panels.png")
     assert seen["errors"] == [] and seen["outside"] == []
     for plot in ("search-curves", "gate_histogram", "robustness", "dynamic-macs"):
         visible, w, h = seen["plots"][plot]
