@@ -304,6 +304,55 @@ class Models(_Namespace):
     def delete(self, ident: str) -> None:
         self._client.request("DELETE", f"{self.path}/{ident}")
 
+    def upload_torch(
+        self,
+        module: Any,
+        example_inputs: Any,
+        *,
+        filename: str = "model.onnx",
+        opset: int = 17,
+        dynamic_batch: bool = True,
+    ) -> Any:
+        """Export a PyTorch module to ONNX on this machine and upload it.
+
+        `example_inputs` is one tensor (or a 1-tuple) shaped like a batch of samples; the
+        export has a dynamic batch dimension and the weights inside the file (Prunery
+        refuses separate `.onnx.data` files). Needs torch (and onnx) installed here; the
+        server never receives Python code or pickles.
+        """
+        try:
+            import torch
+        except ImportError as exc:
+            raise ConfigError(f"upload_torch needs PyTorch installed on this machine: {exc}") from None
+        import tempfile
+
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise ValueError(
+                "example_inputs must be one tensor (Prunery prunes single-input models), "
+                f"got {type(example_inputs).__name__}"
+            )
+        was_training = module.training
+        module.eval()
+        try:
+            with tempfile.TemporaryDirectory(prefix="prunery-upload-") as tmp:
+                path = Path(tmp) / Path(filename).name
+                axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+                with torch.no_grad():
+                    torch.onnx.export(
+                        module, inputs, str(path), dynamo=False, opset_version=opset,
+                        input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                    )
+                extra = [p.name for p in Path(tmp).iterdir() if p.name != path.name]
+                if extra:
+                    raise ValueError(
+                        f"the export wrote external weight files ({', '.join(extra)}): the model is "
+                        "over the 2 GB ONNX limit for one file"
+                    )
+                return self.upload(path)
+        finally:
+            module.train(was_training)
+
     def analyze(
         self, model_id: str, dataset_id: str | None = None, *, task: str = "classification",
         round_to: int = 1, timeout: float = 600.0, poll: float = 0.5,

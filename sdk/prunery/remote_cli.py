@@ -233,6 +233,28 @@ def _wait_and_finish(job: Any, args: argparse.Namespace) -> int:
     return code
 
 
+def _local_methods(args: argparse.Namespace, why: Exception) -> int:
+    """`prunery methods` with no server: the registry of the locally installed engine."""
+    try:
+        from workers.methods.catalog import list_methods
+    except ImportError:
+        print(
+            f"error: {why}; listing methods without a server needs the server package "
+            "(pip install prunery-server)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    methods = [m.describe() for m in list_methods()]
+    if not args.json:
+        print("(no server reachable: the methods of the locally installed engine)", file=sys.stderr)
+    _print(
+        methods,
+        args.json,
+        "\n".join(f"{m['name']:16s} {m['summary']}\n{'':16s} {m['paper']}" for m in methods),
+    )
+    return EXIT_OK
+
+
 def _html_report(job: Any, args: argparse.Namespace) -> int:
     import tempfile
     import webbrowser
@@ -392,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (APIError, ConfigError, ConnectionFailed, FileNotFoundError, ValueError) as exc:
+        if args.command == "methods" and isinstance(exc, (ConfigError, ConnectionFailed)):
+            return _local_methods(args, exc)
         if getattr(args, "json", False):
             body = {
                 "error": getattr(exc, "code", type(exc).__name__),

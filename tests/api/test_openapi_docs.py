@@ -3,6 +3,8 @@ client how to authenticate and what a report looks like."""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_docs_assets_are_served_locally(client):
     page = client.get("/docs")
@@ -36,3 +38,21 @@ def test_openapi_declares_bearer_auth_and_the_typed_report(client):
             "/v1/webhooks/secret"} <= set(spec["paths"])
     job_create = schemas["JobCreate"]["properties"]
     assert "webhook" in job_create
+
+
+def test_sdk_upload_torch_exports_locally_and_uploads(client, tenant):
+    import torch
+    from torch import nn
+
+    from prunery import Client
+
+    sdk = Client("http://testserver", tenant["key"], transport=client._transport)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 10))
+    net.train()
+    model = sdk.models.upload_torch(net, torch.randn(2, 1, 8, 8), filename="digits.onnx")
+    assert net.training  # the caller's mode is restored
+    assert model.filename == "digits.onnx"
+    assert model.inputs[0]["shape"] == ["batch", 1, 8, 8] and model.outputs[0]["shape"] == ["batch", 10]
+    assert {"Conv", "Gemm"} <= set(model.op_histogram)
+    with pytest.raises(ValueError, match="single-input"):
+        sdk.models.upload_torch(net, (torch.randn(1, 1, 8, 8), torch.randn(1)))
