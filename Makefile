@@ -9,7 +9,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-full test-gpu test-engine test-service test-schemathesis lint bench bench-engine bench-service clean
+.PHONY: setup browser demo test test-full test-gpu test-engine test-service test-schemathesis lint bench bench-engine bench-service clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,15 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(MAKE) browser
 	touch $(STAMP)
+
+# The HTML report's browser test drives the OS's Chromium with Playwright (never
+# `playwright install`: nothing is downloaded outside the package manager).
+browser:
+	command -v chromium >/dev/null || ( \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; fi )
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

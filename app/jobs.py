@@ -14,6 +14,7 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import webhooks
 from app.config import Settings
 from app.errors import ErrorBody
 from app.models import Job, JobEvent, utcnow
@@ -22,9 +23,10 @@ from app.schemas import JobPublic
 log = logging.getLogger("prunery.jobs")
 
 RUN_JOB_TASK = "workers.tasks.run_job"
-# Every job that succeeds has these; a method may add more files (stored under the names
-# the engine wrote them with, the same as `prunery prune` writes): see job.artifacts.
-ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md")
+# Every job that succeeds has these; a method (or the export) may add more files, stored
+# under the names the engine wrote them with — the same as `prunery prune` writes (e.g.
+# model.pt2, search_curves.png): see job.artifacts.
+ARTIFACT_NAMES = ("model.onnx", "report.json", "report.md", "report.html", "analysis.json")
 ARTIFACT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -53,6 +55,7 @@ def set_state(session: Session, job: Job, status: str, message: str | None = Non
     job.status = status
     job.updated_at = utcnow()
     add_event(session, job, "state", message or status)
+    webhooks.record_state_change(session, job)  # the outbox row commits with the state
 
 
 def enqueue(

@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
+from app import openapi_extras
 from app.abuse import BodyGuard, ConcurrencyCaps, RateLimits
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker
 from app.errors import document_errors, install_handlers
 from app.metrics import MetricsMiddleware
-from app.routes import datasets, jobs, meta, models
+from app.routes import analysis, datasets, jobs, meta, models, report_html, webhooks
 from app.storage import make_storage
 
 DESCRIPTION = """Prunery compresses neural networks: upload an ONNX model and a dataset,
@@ -52,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         generate_unique_id_function=_operation_id,
         lifespan=lifespan,
+        docs_url=None,  # served from the package by app/openapi_extras.py (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -65,8 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_errors(app)
     app.add_middleware(BodyGuard, idle_s=settings.upload_idle_timeout_s)
     app.add_middleware(MetricsMiddleware)
-    for module in (models, datasets, jobs, meta):
+    for module in (models, datasets, report_html, jobs, meta, analysis, webhooks):
         app.include_router(module.router)
+    openapi_extras.install(app)
     logging.getLogger("prunery").setLevel(logging.INFO)
     return app
 

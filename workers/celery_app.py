@@ -20,13 +20,25 @@ from app.config import Settings, get_settings
 
 RUN_JOB = "workers.tasks.run_job"
 REAP = "workers.tasks.reap"
+ANALYZE = "workers.side_tasks.analyze_model"
+DELIVER_WEBHOOKS = "workers.side_tasks.deliver_webhooks"
+
+
+def _webhook_sweep_interval() -> float:
+    from app.webhooks import get_webhook_settings
+
+    return get_webhook_settings().sweep_interval_s
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     # PruneryTask's request class skips messages of finished/cancelled jobs in the worker's
     # main process, before a pool child is started for them (workers/resilience.py).
-    app = Celery("prunery", include=["workers.tasks"], task_cls="workers.resilience:PruneryTask")
+    app = Celery(
+        "prunery",
+        include=["workers.tasks", "workers.side_tasks"],
+        task_cls="workers.resilience:PruneryTask",
+    )
 
     transport_options: dict[str, object] = {}
     if settings.broker_url.startswith("filesystem"):
@@ -99,6 +111,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             RUN_JOB: {"queue": settings.job_queue},
             REAP: {"queue": settings.control_queue},
+            # Analyses load the model with torch: a worker's queue, but minutes at most.
+            ANALYZE: {"queue": settings.job_queue},
+            DELIVER_WEBHOOKS: {"queue": settings.control_queue},
         },
         # The reaper: re-queues jobs whose worker stopped heartbeating and re-publishes
         # queued jobs the broker lost. Safe to run from several beats (row locks).
@@ -107,7 +122,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "task": REAP,
                 "schedule": settings.reaper_interval_s,
                 "options": {"queue": settings.control_queue, "expires": settings.reaper_interval_s},
-            }
+            },
+            # Webhooks: send the due rows of the delivery outbox (app/webhooks.py).
+            "deliver-webhooks": {
+                "task": DELIVER_WEBHOOKS,
+                "schedule": _webhook_sweep_interval(),
+                "options": {"queue": settings.control_queue, "expires": _webhook_sweep_interval()},
+            },
         },
         # A broker blip must not kill running jobs: their duplicate deliveries are no-ops
         # (the row says the job is running with a fresh heartbeat).

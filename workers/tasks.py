@@ -427,6 +427,8 @@ def execute(rt: Runtime, job_id: str) -> str:
                 )
                 return "cancelled"
             except EngineError as exc:
+                from workers.side_tasks import store_partial_artifacts
+
                 _finish(
                     rt,
                     job_id,
@@ -434,6 +436,9 @@ def execute(rt: Runtime, job_id: str) -> str:
                     status="failed",
                     error_code=exc.code,
                     error_detail=exc.message,
+                    # e.g. budget_unreachable: the analysis (excluded layers, reasons) stays readable
+                    artifacts=store_partial_artifacts(rt, d["tenant_id"], job_id, workdir / "out")
+                    or None,
                     event_message=f"{exc.code}: {exc.message}",
                 )
                 return f"failed: {exc.code}"

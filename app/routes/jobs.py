@@ -46,6 +46,7 @@ ARTIFACT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".csv": "text/csv; charset=utf-8",
     ".txt": "text/plain; charset=utf-8",
+    ".pt2": "application/zip",
 }
 
 
@@ -92,6 +93,18 @@ def _check_shapes(model: ModelFile, dataset: DatasetFile, spec: JobCreate) -> No
                 f"dataset's samples have shape {sample}",
                 code="shape_mismatch",
             )
+
+
+def check_webhook_url(spec: JobCreate) -> None:
+    """Refuse a webhook that could reach internal services (SSRF), at submit time."""
+    if spec.webhook is None:
+        return
+    from app.webhooks import RefusedURL, get_webhook_settings, resolve_checked
+
+    try:
+        resolve_checked(spec.webhook.url, get_webhook_settings())
+    except RefusedURL as exc:
+        raise Unprocessable(str(exc), code="webhook_url_refused") from None
 
 
 def _request_hash(spec: JobCreate) -> str:
@@ -162,6 +175,7 @@ def create_job(
             code="task_mismatch",
         )
     _check_shapes(model, dataset, spec)
+    check_webhook_url(spec)
 
     active = (
         db.scalar(

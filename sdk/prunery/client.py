@@ -31,6 +31,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from prunery.analysis import Analysis
 from prunery.errors import (
     ConfigError,
     ConnectionFailed,
@@ -170,12 +171,21 @@ class Job(_Resource):
     def report(self) -> Report:
         return self.client.jobs.report(self.id)
 
+    def report_html(self) -> str:
+        """The report as one self-contained HTML page (inline SVG plots)."""
+        return self.client.jobs.report_html(self.id)
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """The job's webhook deliveries, each with every attempt."""
+        return self.client.jobs.webhooks(self.id)
+
     def events(self, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
         return self.client.jobs.events(self.id, follow=follow, after=after)
 
     def download(
         self, directory: str | os.PathLike[str], names: Sequence[str] | None = None
     ) -> dict[str, Path]:
+        """Every artifact of the job (or only `names`)."""
         return self.client.jobs.download(self.id, directory, names)
 
     def gate_failures(self) -> list[str]:
@@ -294,6 +304,87 @@ class Models(_Namespace):
     def delete(self, ident: str) -> None:
         self._client.request("DELETE", f"{self.path}/{ident}")
 
+    def upload_torch(
+        self,
+        module: Any,
+        example_inputs: Any,
+        *,
+        filename: str = "model.onnx",
+        opset: int = 17,
+        dynamic_batch: bool = True,
+    ) -> Any:
+        """Export a PyTorch module to ONNX on this machine and upload it.
+
+        `example_inputs` is one tensor (or a 1-tuple) shaped like a batch of samples; the
+        export has a dynamic batch dimension and the weights inside the file (Prunery
+        refuses separate `.onnx.data` files). Needs torch (and onnx) installed here; the
+        server never receives Python code or pickles.
+        """
+        try:
+            import torch
+        except ImportError as exc:
+            raise ConfigError(f"upload_torch needs PyTorch installed on this machine: {exc}") from None
+        import tempfile
+
+        inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+            raise ValueError(
+                "example_inputs must be one tensor (Prunery prunes single-input models), "
+                f"got {type(example_inputs).__name__}"
+            )
+        was_training = module.training
+        module.eval()
+        try:
+            with tempfile.TemporaryDirectory(prefix="prunery-upload-") as tmp:
+                path = Path(tmp) / Path(filename).name
+                axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+                with torch.no_grad():
+                    torch.onnx.export(
+                        module, inputs, str(path), dynamo=False, opset_version=opset,
+                        input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                    )
+                extra = [p.name for p in Path(tmp).iterdir() if p.name != path.name]
+                if extra:
+                    raise ValueError(
+                        f"the export wrote external weight files ({', '.join(extra)}): the model is "
+                        "over the 2 GB ONNX limit for one file"
+                    )
+                return self.upload(path)
+        finally:
+            module.train(was_training)
+
+    def analyze(
+        self, model_id: str, dataset_id: str | None = None, *, task: str = "classification",
+        round_to: int = 1, timeout: float = 600.0, poll: float = 0.5,
+    ) -> Analysis:
+        """Run the analysis job (load + analyse, no training) and wait for its result."""
+        from prunery.analysis import AnalysisFailed
+
+        analyses = Analyses(self._client)
+        row = analyses.create(model_id, dataset_id, task=task, round_to=round_to)
+        deadline = time.monotonic() + timeout
+        while row["status"] in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise AnalysisFailed(f"analysis {row['id']} still {row['status']} after {timeout:.0f} s")
+            time.sleep(poll)
+            row = analyses.get(model_id)
+        if row["status"] != "succeeded":
+            err = row.get("error") or {}
+            raise AnalysisFailed(f"analysis failed: {err.get('error')}: {err.get('detail')}")
+        return Analysis.model_validate(row["result"])
+
+
+class Analyses(_Namespace):
+    """`client.models.analyze(model_id)`: what can be pruned, before a job is paid for."""
+
+    def create(self, model_id: str, dataset_id: str | None = None, *, task: str = "classification",
+               round_to: int = 1) -> dict[str, Any]:
+        body = {"dataset_id": dataset_id, "task": task, "round_to": round_to}
+        return self._client.request("POST", f"/v1/models/{model_id}/analysis", json=body)
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        return self._client.request("GET", f"/v1/models/{model_id}/analysis")
+
 
 class Datasets(Models):
     path = "/v1/datasets"
@@ -357,6 +448,12 @@ class Jobs(_Namespace):
     def report(self, job_id: str) -> Report:
         return Report.model_validate(self._client.request("GET", f"/v1/jobs/{job_id}/report"))
 
+    def report_html(self, job_id: str) -> str:
+        return self._client._send("GET", f"/v1/jobs/{job_id}/report.html", idempotent=True).text
+
+    def webhooks(self, job_id: str) -> list[dict[str, Any]]:
+        return self._client.request("GET", f"/v1/jobs/{job_id}/webhooks")["data"]
+
     def events(self, job_id: str, follow: bool = False, after: int = 0) -> Iterator[JobEvent]:
         if not follow:
             body = self._client.request(
@@ -419,6 +516,15 @@ def _safe_names(names: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- the client
 
 
+class Webhooks(_Namespace):
+    def secret(self) -> str:
+        """The tenant's webhook signing secret (verify deliveries with prunery.webhooks.verify)."""
+        return self._client.request("GET", "/v1/webhooks/secret")["secret"]
+
+    def rotate_secret(self) -> str:
+        return self._client.request("POST", "/v1/webhooks/secret/rotate")["secret"]
+
+
 class Client:
     def __init__(
         self,
@@ -457,6 +563,7 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.methods = Methods(self)
+        self.webhooks = Webhooks(self)
 
     def __enter__(self) -> Client:
         return self

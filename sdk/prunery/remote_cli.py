@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,18 +76,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--wait", action="store_true", help="wait for the job and exit by its outcome")
     s.add_argument("--out", help="with --wait: download the artifacts into this directory")
     s.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    _ci_flags(s)
 
     for name, text in (
         ("status", "show a job"),
         ("cancel", "cancel a job"),
-        ("report", "print a job's report"),
     ):
         c = sub.add_parser(name, parents=[common], help=text)
         c.add_argument("job")
+    r = sub.add_parser("report", parents=[common], help="print a job's report (--open: the HTML page)")
+    r.add_argument("job")
+    r.add_argument("--html", metavar="FILE", help="save the HTML report (inline plots) to FILE")
+    r.add_argument("--open", action="store_true", help="open the HTML report in a browser")
     w = sub.add_parser("wait", parents=[common], help="wait for a job and exit by its outcome")
     w.add_argument("job")
     w.add_argument("--timeout", type=float)
     w.add_argument("--out", help="download the artifacts here once it succeeds")
+    _ci_flags(w)
+    a = sub.add_parser(
+        "analyze",
+        parents=[common],
+        help="what can be pruned in a model: MODEL.onnx locally (worker extra), or an uploaded mdl_... on the server",
+    )
+    a.add_argument("model", help="an uploaded model id (mdl_...); a local .onnx file runs locally")
+    a.add_argument("--data", help="a dataset id (ds_...) whose samples drive the probes")
+    a.add_argument("--task", default="classification", choices=["classification", "language_modeling"])
+    a.add_argument("--round-to", type=int, default=1)
+    a.add_argument("--timeout", type=float, default=600.0)
     d = sub.add_parser("download", parents=[common], help="download a job's artifacts")
     d.add_argument("job")
     d.add_argument("--out", default=".", help="directory (default: .)")
@@ -98,11 +114,29 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=20)
     sub.add_parser("methods", parents=[common], help="list pruning methods")
     sub.add_parser(
+        "prune",
+        add_help=False,
+        help="prune an ONNX model locally, no server (worker extra); `prunery prune --help`",
+    )
+    sub.add_parser(
         "serve",
         add_help=False,
         help="run the embedded server (API + worker); `prunery serve --help`",
     )
     return p
+
+
+def _ci_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--junit",
+        metavar="FILE",
+        help="write a JUnit XML file: one test case for the job, the target and each gate",
+    )
+    p.add_argument(
+        "--summary",
+        metavar="FILE",
+        help="write a Markdown summary (also appended to $GITHUB_STEP_SUMMARY when set)",
+    )
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -174,18 +208,21 @@ def _outcome(job: Any) -> int:
 
 
 def _wait_and_finish(job: Any, args: argparse.Namespace) -> int:
+    from prunery import ci_output
     from prunery.errors import WaitTimeout
 
     try:
         job.wait(progress=not args.json, timeout=args.timeout, raise_on_failure=False)
     except WaitTimeout:
+        ci_output.write(job, None, args.junit, args.summary, timed_out=True)
         _print(job.model_dump(mode="json"), args.json, f"timed out: {_job_line(job)}")
         return EXIT_TIMEOUT
     code = _outcome(job)
     out: dict[str, Any] = {"job": job.model_dump(mode="json"), "exit_code": code}
     text = [_job_line(job)]
-    if job.status == "succeeded":
-        report = job.report()
+    report = job.report() if job.status == "succeeded" else None
+    ci_output.write(job, report, args.junit, args.summary)
+    if report is not None:
         out["report"] = report.model_dump(mode="json")
         text.append(format_report(report))
         if getattr(args, "out", None):
@@ -194,6 +231,46 @@ def _wait_and_finish(job: Any, args: argparse.Namespace) -> int:
             text.append("saved " + ", ".join(str(p) for p in paths.values()))
     _print(out, args.json, "\n".join(text))
     return code
+
+
+def _local_methods(args: argparse.Namespace, why: Exception) -> int:
+    """`prunery methods` with no server: the registry of the locally installed engine."""
+    try:
+        from workers.methods.catalog import list_methods
+    except ImportError:
+        print(
+            f"error: {why}; listing methods without a server needs the server package "
+            "(pip install prunery-server)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    methods = [m.describe() for m in list_methods()]
+    if not args.json:
+        print("(no server reachable: the methods of the locally installed engine)", file=sys.stderr)
+    _print(
+        methods,
+        args.json,
+        "\n".join(f"{m['name']:16s} {m['summary']}\n{'':16s} {m['paper']}" for m in methods),
+    )
+    return EXIT_OK
+
+
+def _html_report(job: Any, args: argparse.Namespace) -> int:
+    import tempfile
+    import webbrowser
+
+    html = job.report_html()
+    if args.html:
+        path = Path(args.html)
+    else:
+        fd, name = tempfile.mkstemp(prefix=f"prunery-{job.id}-", suffix=".html")
+        os.close(fd)
+        path = Path(name)
+    path.write_text(html, encoding="utf-8")
+    print(f"wrote {path}")
+    if args.open:
+        webbrowser.open(path.resolve().as_uri())
+    return EXIT_OK
 
 
 def _resolve_upload(client: Any, namespace: Any, ref: str, prefix: str, **kw: Any) -> str:
@@ -275,6 +352,14 @@ def _run(args: argparse.Namespace) -> int:
                 "\n".join(_job_line(j) for j in page.data) or "no jobs",
             )
             return EXIT_OK
+        if args.command == "analyze":
+            from prunery.analysis import render_text
+
+            result = client.models.analyze(
+                args.model, args.data, task=args.task, round_to=args.round_to, timeout=args.timeout
+            )
+            _print(result.model_dump(mode="json"), args.json, render_text(result))
+            return EXIT_OK
         job = client.jobs.get(args.job)
         if args.command == "status":
             _print(job.model_dump(mode="json"), args.json, _job_line(job))
@@ -286,6 +371,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "wait":
             return _wait_and_finish(job, args)
         if args.command == "report":
+            if args.html or args.open:
+                return _html_report(job, args)
             report = job.report()
             _print(report.model_dump(mode="json"), args.json, format_report(report))
             return EXIT_OK
@@ -327,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (APIError, ConfigError, ConnectionFailed, FileNotFoundError, ValueError) as exc:
+        if args.command == "methods" and isinstance(exc, (ConfigError, ConnectionFailed)):
+            return _local_methods(args, exc)
         if getattr(args, "json", False):
             body = {
                 "error": getattr(exc, "code", type(exc).__name__),

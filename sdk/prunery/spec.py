@@ -169,6 +169,32 @@ class PruneSchedule(_Strict):
     )
 
 
+WebhookEvent = Literal["running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+class Webhook(_Strict):
+    """POST the public job JSON to `url` when the job enters one of `events`, signed with the
+    tenant's webhook secret (`X-Prunery-Signature: t=...,v1=...`; `prunery.webhooks.verify`)."""
+
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL of your receiver.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: ["succeeded", "failed", "cancelled"],
+        min_length=1,
+        description="Job states that trigger a delivery (default: the terminal ones).",
+    )
+
+    @model_validator(mode="after")
+    def _check_url(self) -> Webhook:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook.url must be an http:// or https:// URL with a host, not {self.url!r}")
+        if parts.username or parts.password:
+            raise ValueError("webhook.url must not carry credentials; verify the signature instead")
+        return self
+
+
 class JobSpec(_Strict):
     model_id: str | None = None
     dataset_id: str | None = None
@@ -185,8 +211,9 @@ class JobSpec(_Strict):
     gates: Gates = Field(default_factory=Gates)
     data: DataSpec = Field(default_factory=DataSpec)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    webhook: Webhook | None = None
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of what determines the result (ids excluded)."""
-        body = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "eval_dataset_id"})
+        body = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "eval_dataset_id", "webhook"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -40,7 +40,10 @@ def _prune(zoo_model, digits_npz: Path, tmp: Path, name: str, opset: str, method
 def test_zoo_model_prunes_to_budget(zoo_model, digits_npz, tmp_path_factory, name, opset):
     res = _prune(zoo_model, digits_npz, tmp_path_factory.mktemp("zoo"), name, opset, "l1_norm")
     out, report = res["out"], res["report"]
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    files = sorted(p.name for p in out.iterdir())
+    assert set(files) - {"model.pt2"} == {"analysis.json", "model.onnx", "report.html", "report.json", "report.md"}
+    # model.pt2 is there, or the report says why torch.export could not capture the graph.
+    assert "model.pt2" in files or any(n.startswith("no model.pt2") for n in report["notes"])
     pruned = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(pruned, full_check=True)
     original = onnx.load(str(zoo_model(name, opset)))

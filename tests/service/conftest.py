@@ -52,7 +52,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
         _row, key = create_api_key(s, tenant, "tests")
     engine.dispose()
 
-    st = servicekit.Stack(servicekit.settings_env(settings), root)
+    # Webhooks: the tests' receivers listen on 127.0.0.1 (explicitly allowed here, as in
+    # development), and retries come quickly.
+    webhook_env = {
+        "PRUNERY_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.0/8",
+        "PRUNERY_WEBHOOK_BACKOFF_S": "0.5",
+        "PRUNERY_WEBHOOK_SWEEP_INTERVAL_S": "1.0",
+    }
+    st = servicekit.Stack({**servicekit.settings_env(settings), **webhook_env}, root)
     st.settings = settings
     st.api_key = key
     try:

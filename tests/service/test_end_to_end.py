@@ -29,7 +29,9 @@ def test_l1_norm_job_end_to_end(sdk, uploaded, digits, tmp_path):
     assert job.gates_passed is True
     assert job.progress == 1.0 and job.attempts == 1
     assert job.started_at and job.finished_at and job.finished_at >= job.started_at
-    assert sorted(job.artifacts) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(job.artifacts) == [
+        "analysis.json", "model.onnx", "model.pt2", "report.html", "report.json", "report.md"
+    ]
 
     report = job.report()
     assert report.method["name"] == "l1_norm"
@@ -40,7 +42,9 @@ def test_l1_norm_job_end_to_end(sdk, uploaded, digits, tmp_path):
     assert report.gates and all(g.passed for g in report.gates)
 
     paths = job.download(tmp_path / "out")
-    assert set(paths) == {"model.onnx", "report.json", "report.md"}
+    assert set(paths) == {
+        "analysis.json", "model.onnx", "model.pt2", "report.html", "report.json", "report.md"
+    }
     assert json.loads(paths["report.json"].read_text())["spec_hash"] == report.spec_hash
     assert "l1_norm" in paths["report.md"].read_text()
 

@@ -169,6 +169,16 @@ def _publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _keep_analysis(tmp: Path, out: Path) -> str:
+    """A budget that cannot be reached: keep the analysis (excluded layers with reasons)."""
+    src = tmp / "analysis.json"
+    if not src.is_file():
+        return ""
+    out.mkdir(parents=True, exist_ok=True)
+    os.replace(src, out / "analysis.json")
+    return f" (what can be pruned, and why the rest cannot: {out / 'analysis.json'}; `prunery analyze` prints it)"
+
+
 def print_table(report) -> None:
     from prunery.report import summary_rows
 
@@ -217,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except EngineError as exc:
         bar.close()
+        hint = _keep_analysis(tmp, args.out) if exc.code == "budget_unreachable" else ""
         shutil.rmtree(tmp, ignore_errors=True)
-        return _fail(f"{exc.code}: {exc.message}")
+        return _fail(f"{exc.code}: {exc.message}{hint}")
     except KeyboardInterrupt:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -239,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report.model_dump_json(indent=2))
     else:
         print_table(report)
-        print(f"\nwrote {args.out}/model.onnx, report.json, report.md")
+        print(f"\nwrote {args.out}/model.onnx, report.json, report.md, report.html, analysis.json")
     return EXIT_OK if report.gates_passed else EXIT_GATE
 
 

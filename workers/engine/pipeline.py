@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import torch
 
+from prunery.html_report import render_html
 from prunery.report import (
     AccuracyResult,
     BeforeAfter,
@@ -26,8 +27,9 @@ from prunery.report import (
 )
 from prunery.spec import JobSpec
 from workers import checks, datasets
+from workers.engine import analysis as analysis_mod
 from workers.engine import export as export_mod
-from workers.engine import graph, heads, inputs, load, progressive, recovery, train
+from workers.engine import graph, heads, inputs, load, progressive, recovery, torch_export, train
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -213,6 +215,12 @@ def run(
         head_groups, head_excluded = heads.analyse(loaded.module, example, calibration[:16], spec.seed)
         analysis.groups.extend(head_groups)
         analysis.excluded.extend(head_excluded)
+    # Written before pruning, so a job that fails with budget_unreachable still has it.
+    public_analysis = analysis_mod.summarize(
+        loaded.module, example, analysis, checks.summarize(loaded.onnx_model, loaded.file_bytes),
+        spec.task, spec.export.round_to,
+    )
+    export_mod.save_atomic(public_analysis.model_dump_json(indent=2).encode(), out_dir / "analysis.json")
     if not analysis.groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in analysis.excluded[:5])
         raise BudgetUnreachable(f"no layer of this model can be pruned safely ({reasons})")
@@ -391,8 +399,10 @@ def run(
     for name, payload in result.artifacts.items():
         export_mod.save_atomic(payload, out_dir / Path(name).name)
     export_mod.save_atomic(pruned_bytes, out_dir / "model.onnx")
+    report.notes.extend(torch_export.save_program(pruned, example, out_dir / "model.pt2"))
     export_mod.save_atomic(report.model_dump_json(indent=2).encode(), out_dir / "report.json")
     export_mod.save_atomic(render_markdown(report).encode(), out_dir / "report.md")
+    export_mod.save_atomic(render_html(report, public_analysis).encode(), out_dir / "report.html")
     report_progress("report", 1.0, "done")
     return report
 
