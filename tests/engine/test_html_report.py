@@ -112,7 +112,7 @@ def test_model_pt2_loads_matches_onnx_and_trains(pruned, digits_npz):
         want = session.run(None, {session.get_inputs()[0].name: x[:batch].numpy()})[0]
         got = module(x[:batch]).detach().numpy()
         assert np.abs(got - want).max() < 1e-4
-    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
     before = torch.nn.functional.cross_entropy(module(x), y).item()
     for _ in range(5):
         opt.zero_grad()
