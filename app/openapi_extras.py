@@ -16,7 +16,6 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -67,12 +66,12 @@ def install(app: FastAPI) -> None:
     def swagger_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
+    build = app.openapi  # what is installed already (app.errors.document_errors): extend it
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
+        if app.openapi_schema and "securitySchemes" in app.openapi_schema.get("components", {}):
             return app.openapi_schema
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
+        schema = build()
         components = schema.setdefault("components", {})
         components.setdefault("securitySchemes", {})[SCHEME] = {
             "type": "http",
