@@ -199,6 +199,7 @@ def load(
     example = torch.from_numpy(random_input([1 if batch != dims[0] else batch, *sample_shape], dtype, seed, input_high))
     lifted = graph.lift_linears(module)
     flattened = graph.rewrite_flatten_reshapes(module, example)
+    notes.extend(graph.rewrite_channel_structure(module, example))
     if lifted:
         notes.append(f"lifted {len(lifted)} MatMul(+Add) pairs with constant weights into Linear layers")
     if flattened:
