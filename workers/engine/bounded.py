@@ -33,6 +33,7 @@ STEPS_PER_NODE = 8
 # Indices carried by one walk, relative to (nodes x root channels): a shuffle that keeps
 # re-expanding its index lists blows through this long before memory is in danger.
 ITEMS_PER_NODE = 8
+MIN_STEPS, MIN_ITEMS = 64, 1024
 
 
 class AnalyseTimeout(EngineError):
@@ -122,8 +123,8 @@ class BoundedDependencyGraph(tp.DependencyGraph):
         group.add_dep(dep=root_dep, idxs=idxs)
 
         n_nodes = max(len(self.module2node), 1)
-        max_steps = STEPS_PER_NODE * n_nodes + 64
-        max_items = ITEMS_PER_NODE * n_nodes * max(len(idxs), 1) + 1024
+        max_steps = STEPS_PER_NODE * n_nodes + MIN_STEPS
+        max_items = ITEMS_PER_NODE * n_nodes * max(len(idxs), 1) + MIN_ITEMS
         seen: set[tuple[int, int, frozenset]] = {(id(root_node), id(pruning_fn), frozenset(idxs))}
         stack = [(root_dep, idxs)]
         steps, carried = 0, len(idxs)

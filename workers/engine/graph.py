@@ -26,6 +26,7 @@ from workers.engine.bounded import AnalyseBudget, BoundedDependencyGraph, Unboun
 from workers.errors import BadModel
 
 PRUNABLE_ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PROBE_SAMPLES = 4
 
 
 # ------------------------------------------------------------------ lifting MatMul → Linear
@@ -364,6 +365,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
 def probe_groups(
     model: nn.Module, example: torch.Tensor, batch: torch.Tensor, plan: dict[str, Sequence[int]],
     budget: AnalyseBudget | None = None,
+    reference_shape: torch.Size | None = None,
 ) -> str | None:
     """Zero-equivalence test of removing `plan` = {root: idxs} all at once; None when safe,
     else why not (in terms of the op and the constraint that failed)."""
@@ -376,8 +378,9 @@ def probe_groups(
         return str(exc)
     except Exception as exc:
         return f"the dependency graph cannot form this group ({type(exc).__name__}: {_first_line(exc)})"
-    with torch.no_grad():
-        reference = run_located(m, batch)
+    if reference_shape is None:
+        with torch.no_grad():
+            reference_shape = run_located(m, batch).shape
     hooks = []
     try:
         for group in groups:
@@ -416,9 +419,9 @@ def probe_groups(
             f"its channel count is baked into the constant shape of Reshape {changes[0]} once channels "
             "are removed; re-export so that the reshape uses the runtime shape (or -1) to make it prunable"
         )
-    if pruned.shape != reference.shape:
+    if pruned.shape != reference_shape:
         return (
-            f"removing its channels changes the model output shape {tuple(reference.shape)} -> "
+            f"removing its channels changes the model output shape {tuple(reference_shape)} -> "
             f"{tuple(pruned.shape)} (its channels are the model's outputs)"
         )
     ok, rel = _close(zeroed, pruned)
@@ -458,6 +461,27 @@ class Analysis:
     excluded: list[tuple[str, str]]
     lifted: list[str]
     probes: int = 0
+
+
+def _output_layers(model: nn.Module) -> set[str]:
+    """Conv/Linear layers whose output channels reach a model output without passing
+    another Conv/Linear (the classifier): decided from the FX graph, without a probe."""
+    if not isinstance(model, fx.GraphModule):
+        return set()
+    found: set[str] = set()
+    stack = [n for n in model.graph.nodes if n.op == "output"]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), PRUNABLE_ROOTS):
+            found.add(str(node.target))
+            continue
+        stack.extend(a for a in node.all_input_nodes)
+    names = _names(model)
+    return {names[model.get_submodule(t)] for t in found if model.get_submodule(t) in names}
 
 
 def _analyse_seconds() -> float:
@@ -532,12 +556,17 @@ def analyse(
     candidates, excluded = _candidate_groups(model, dg, names, budget)
     gen = torch.Generator().manual_seed(seed)
     step = max(1, round_to)
+    outputs = _output_layers(model)
     to_probe: dict[str, list[int]] = {}
     info: dict[str, tuple[int, list[GroupMember]]] = {}
     for name, channels, members, ties in candidates:
         info[name] = (channels, members)
         if name in ignored:
             excluded.append((name, "excluded by the method"))
+            continue
+        if any(mem.role == "out" and mem.name in outputs for mem in members):
+            # Graph rule, no probe needed: these channels are the model's outputs.
+            excluded.append((name, f"its channels are the model's outputs ({channels} of them); removing any would change what the model returns"))
             continue
         clash = grouped.conflict(ties)
         if clash is not None:
@@ -553,18 +582,22 @@ def analyse(
         k = step if step > 1 else min(2, channels - 1)
         to_probe[name] = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
 
+    # A few samples prove zero equivalence as well as many (any misalignment shows on one).
+    batch = batch[:PROBE_SAMPLES]
+    with torch.no_grad():
+        reference_shape = run_located(model, batch).shape
     reasons: dict[str, str | None] = {}
     done = [0]
     probes = [0]
 
     def settle(names_: list[str]) -> None:
         budget.at(
-            f"proving groups safe: {done[0]} of {len(to_probe)} settled ({names_[0]}"
-            + (f" and {len(names_) - 1} more)" if len(names_) > 1 else ")"),
+            f"proving groups safe: {done[0]} of {len(to_probe)} settled (probing {', '.join(names_[:3])}"
+            + (f" and {len(names_) - 3} more)" if len(names_) > 3 else ")"),
             0.3 + 0.7 * done[0] / max(len(to_probe), 1),
         )
         probes[0] += 1
-        reason = probe_groups(model, example, batch, {n: to_probe[n] for n in names_}, budget)
+        reason = probe_groups(model, example, batch, {n: to_probe[n] for n in names_}, budget, reference_shape)
         if reason is None:
             for n in names_:
                 reasons[n] = None
