@@ -121,6 +121,10 @@ class ExportSpec(_Strict):
     round_to: int = Field(
         default=1, ge=1, le=256, description="Keep channel counts a multiple of this."
     )
+    max_layer_cut: float = Field(
+        default=0.9, gt=0.0, lt=1.0,
+        description="Largest fraction of one group's channels the budget may remove (refuses to gut a layer).",
+    )
 
 
 class Gates(_Strict):
@@ -129,6 +133,10 @@ class Gates(_Strict):
         ge=0.0,
         le=100.0,
         description="Largest allowed top-1 drop, in percentage points; the job fails its gate when missed.",
+    )
+    allow_target_miss: bool = Field(
+        default=False,
+        description="Count a run whose achieved budget is outside target.tolerance as passing (by default it fails the 'target' gate).",
     )
 
 

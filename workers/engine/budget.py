@@ -122,17 +122,27 @@ def search(
 
     cache: dict[int, tuple[float, nn.Module, Costs]] = {}
 
+    broken: dict[int, str] = {}
+
     def evaluate(n: int) -> float:
         if n not in cache:
-            pruned = prune_copy(model, example, plan_of(chunks[:n]))
-            costs = torch_costs(pruned, example)
+            try:
+                pruned = prune_copy(model, example, plan_of(chunks[:n]))
+                costs = torch_costs(pruned, example)
+            except Exception as exc:
+                # A prefix can empty a channel slice shared by several groups (each group keeps
+                # its minimum, yet none of the kept channels fall in that slice): treat it as
+                # "removed too much" so the search backs off to a smaller prefix.
+                broken[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                cache[n] = (0.0, None, None)  # type: ignore[assignment]
+                return 0.0
             cache[n] = (kept_fraction(costs), pruned, costs)
             if progress:
                 progress(min(1.0, len(cache) / (2 * math.log2(len(chunks) + 2) + 2)))
         return cache[n][0]
 
     lo, hi = 0, len(chunks)
-    if evaluate(hi) > target:
+    if evaluate(hi) > target and hi not in broken:
         best = cache[hi][0]
         raise BudgetUnreachable(
             f"the target keeps {target:.1%} of the {'MACs' if metric == 'flops' else 'parameters'}, "
@@ -148,7 +158,9 @@ def search(
             hi = mid
         else:
             lo = mid
-    candidates = [n for n in (lo, hi) if n in cache]
+    candidates = [n for n in (lo, hi) if n in cache and n not in broken]
+    if not candidates:
+        raise EngineError(f"every pruning the budget search tried breaks the model ({broken[min(broken)]})")
     best_n = min(candidates, key=lambda n: abs(cache[n][0] - target))
     kept, pruned, costs = cache[best_n]
     best_plan = plan_of(chunks[:best_n])
@@ -166,8 +178,11 @@ def search(
             if j == lo:
                 continue
             plan = plan_of([*chunks[:lo], ch])
-            variant = prune_copy(model, example, plan)
-            vcosts = torch_costs(variant, example)
+            try:
+                variant = prune_copy(model, example, plan)
+                vcosts = torch_costs(variant, example)
+            except Exception:
+                continue
             vkept = kept_fraction(vcosts)
             if abs(vkept - target) <= tolerance:
                 kept, pruned, costs, best_plan = vkept, variant, vcosts, plan

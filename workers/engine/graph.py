@@ -21,9 +21,12 @@ import torch.fx as fx
 import torch_pruning as tp
 from torch import nn
 
+from workers.engine import channel_consts, grouped, shuffle
+from workers.engine.bounded import AnalyseBudget, BoundedDependencyGraph, UnboundedGroup
 from workers.errors import BadModel
 
 PRUNABLE_ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+PROBE_SAMPLES = 4
 
 
 # ------------------------------------------------------------------ lifting MatMul → Linear
@@ -141,6 +144,24 @@ def rewrite_flatten_reshapes(gm: fx.GraphModule, example: torch.Tensor) -> list[
     return rewritten
 
 
+def rewrite_channel_structure(gm: fx.GraphModule, example: torch.Tensor) -> list[str]:
+    """Load-time rewrites that make CNN structure prunable; returns notes for the report:
+    channel shuffles and constant channel slices (shuffle.py), per-channel constants such
+    as layer scale (channel_consts.py)."""
+    notes: list[str] = []
+    maps = shuffle.rewrite_channel_maps(gm, example)
+    shuffles = sum(1 for n in maps if n.endswith("_channel_shuffle"))
+    if maps:
+        notes.append(
+            f"rewrote {shuffles} channel shuffle(s) and {len(maps) - shuffles} constant channel slice(s) "
+            "into channel maps that follow pruning"
+        )
+    scaled = channel_consts.rewrite_channel_constants(gm, example)
+    if scaled:
+        notes.append(f"made {len(scaled)} per-channel constant Mul/Add op(s) (layer scale) prunable with their channels")
+    return notes
+
+
 def _drop_unused_constants(gm: fx.GraphModule) -> None:
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     holder = getattr(gm, "initializers", None)
@@ -200,8 +221,12 @@ def run_located(model: nn.Module, x: torch.Tensor, batch_changes: list[str] | No
 
 
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph, with a bounded group walk (see bounded.py) and the
+    pruner that slices per-channel constants (channel_consts.py)."""
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+        return BoundedDependencyGraph().build_dependency(
+            model, example_inputs=example, verbose=False, customized_pruners={**channel_consts.CUSTOM_PRUNERS, **shuffle.CUSTOM_PRUNERS}
+        )
 
 
 @dataclass
@@ -232,10 +257,27 @@ def _root_pruning_fn(dg: tp.DependencyGraph, module: nn.Module) -> Callable:
     return dg.get_pruner_of_module(module).prune_out_channels
 
 
-def full_group(model: nn.Module, dg: tp.DependencyGraph, root: str, idxs: Sequence[int] | None = None):
+def grouped_ties(model: nn.Module, dg: tp.DependencyGraph, root: str) -> list[grouped.GroupedTie]:
+    """The grouped convs that the group of `root` passes through (cached on the graph)."""
+    cache = dg.__dict__.setdefault("_prunery_ties", {})
+    if root not in cache:
+        module = model.get_submodule(root)
+        everything = list(range(dg.get_out_channels(module)))
+        full = dg.get_pruning_group(module, _root_pruning_fn(dg, module), everything)
+        cache[root] = grouped.ties_of(dg, full, _names(model))
+    return cache[root]
+
+
+def full_group(model: nn.Module, dg: tp.DependencyGraph, root: str, idxs: Sequence[int] | None = None, minimum: int = 0):
+    """The pruning group of `root` for `idxs` (all channels when None). Indices are projected
+    so that grouped convolutions lose the same offsets in every block (grouped.py)."""
     module = model.get_submodule(root)
     if idxs is None:
         idxs = list(range(dg.get_out_channels(module)))
+    else:
+        ties = grouped_ties(model, dg, root) if any(grouped.is_grouped(m) for m in model.modules()) else []
+        if ties:
+            idxs = grouped.project(ties, idxs, minimum=minimum)
     return dg.get_pruning_group(module, _root_pruning_fn(dg, module), list(idxs))
 
 
@@ -275,6 +317,40 @@ def _zero_out_channels(dg: tp.DependencyGraph, group) -> None:
                 bias[idx] = 0.0
 
 
+def _mask_layer_norms(dg: tp.DependencyGraph, group) -> list:
+    """While probing: make each LayerNorm of the group normalise over the kept channels only.
+
+    Zeroing a channel is not the same as removing it under a LayerNorm over that dimension
+    (the zeros still count in its mean and variance), so without this every residual-stream
+    group of a ConvNeXt/ViT would fail the zero-equivalence test although removing it is
+    exact structural pruning. With the mask, a misaligned index mapping still fails.
+    """
+    handles = []
+    for item in group:
+        ln = item.dep.target.module
+        if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1 or not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        width = int(ln.normalized_shape[0])
+        keep = torch.ones(width, dtype=torch.bool)
+        keep[torch.as_tensor(list(item.idxs), dtype=torch.long)] = False
+
+        def hook(module: nn.LayerNorm, args, out, keep=keep):
+            x = args[0]
+            k = keep.to(x.device)
+            xs = x[..., k]
+            mean = xs.mean(-1, keepdim=True)
+            var = xs.var(-1, unbiased=False, keepdim=True)
+            y = (x - mean) / torch.sqrt(var + module.eps)
+            if module.weight is not None:
+                y = y * module.weight
+            if module.bias is not None:
+                y = y + module.bias
+            return y * k
+
+        handles.append(ln.register_forward_hook(hook))
+    return handles
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -286,28 +362,46 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
     return diff <= 1e-4 * scale + 1e-5, diff / scale
 
 
-def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, root: str, idxs: Sequence[int]) -> str | None:
-    """Zero-equivalence test of removing `idxs` of group `root`; None when safe, else why not."""
+def probe_groups(
+    model: nn.Module, example: torch.Tensor, batch: torch.Tensor, plan: dict[str, Sequence[int]],
+    budget: AnalyseBudget | None = None,
+    reference_shape: torch.Size | None = None,
+) -> str | None:
+    """Zero-equivalence test of removing `plan` = {root: idxs} all at once; None when safe,
+    else why not (in terms of the op and the constraint that failed)."""
     m = copy.deepcopy(model)
     try:
         dg = build_dependency_graph(m, example)
-        group = full_group(m, dg, root, idxs)
+        dg.budget = budget
+        groups = [full_group(m, dg, root, idxs, minimum=1) for root, idxs in plan.items()]
+    except UnboundedGroup as exc:
+        return str(exc)
     except Exception as exc:
-        return f"the dependency graph cannot form this group ({type(exc).__name__}: {exc})"
+        return f"the dependency graph cannot form this group ({type(exc).__name__}: {_first_line(exc)})"
     expected: list[str] = []  # Reshapes that legitimately move the batch (MHA's [T, B*H, D])
     with torch.no_grad():
-        reference = run_located(m, batch, expected)
+        unpruned = run_located(m, batch, expected)
+    if reference_shape is None:
+        reference_shape = unpruned.shape
+    hooks = []
     try:
-        _zero_out_channels(dg, group)
+        for group in groups:
+            _zero_out_channels(dg, group)
+            hooks.extend(_mask_layer_norms(dg, group))
         with torch.no_grad():
             zeroed = run_located(m, batch)
     except Exception as exc:
+        for h in hooks:
+            h.remove()
         return (
             "the dependency graph couples channels that do not line up "
             f"(e.g. through a transpose): {_first_line(exc)}"
         )
+    for h in hooks:
+        h.remove()
     try:
-        group.prune()
+        for root, idxs in plan.items():
+            full_group(m, dg, root, idxs, minimum=1).prune()
     except Exception as exc:
         return f"Torch-Pruning cannot remove these channels ({type(exc).__name__}: {_first_line(exc)})"
     changes: list[str] = []
@@ -320,14 +414,18 @@ def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, ro
         if changes:
             return (
                 f"its channel count is baked into the constant shape of Reshape {changes[0]} "
-                f"once channels are removed, and then {_first_line(exc)}"
+                f"once channels are removed, and then {_first_line(exc)}; re-export so that the "
+                "reshape uses the runtime shape (or -1) to make it prunable"
             )
         return f"the pruned graph no longer runs: {_first_line(exc)}"
     if changes:
-        return f"its channel count is baked into the constant shape of Reshape {changes[0]} once channels are removed"
-    if pruned.shape != reference.shape:
         return (
-            f"removing its channels changes the model output shape {tuple(reference.shape)} -> "
+            f"its channel count is baked into the constant shape of Reshape {changes[0]} once channels "
+            "are removed; re-export so that the reshape uses the runtime shape (or -1) to make it prunable"
+        )
+    if pruned.shape != reference_shape:
+        return (
+            f"removing its channels changes the model output shape {tuple(reference_shape)} -> "
             f"{tuple(pruned.shape)} (its channels are the model's outputs)"
         )
     ok, rel = _close(zeroed, pruned)
@@ -338,6 +436,11 @@ def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, ro
             "shared with a normalisation or reshape that is not channel-separable"
         )
     return None
+
+
+def probe_group(model: nn.Module, example: torch.Tensor, batch: torch.Tensor, root: str, idxs: Sequence[int]) -> str | None:
+    """Zero-equivalence test of removing `idxs` of group `root`; None when safe, else why not."""
+    return probe_groups(model, example, batch, {root: idxs})
 
 
 def describe_group(model: nn.Module, dg: tp.DependencyGraph, group, names: dict[nn.Module, str]) -> list[GroupMember]:
@@ -361,6 +464,69 @@ class Analysis:
     groups: list[ChannelGroup]
     excluded: list[tuple[str, str]]
     lifted: list[str]
+    probes: int = 0
+
+
+def _output_layers(model: nn.Module) -> set[str]:
+    """Conv/Linear layers whose output channels reach a model output without passing
+    another Conv/Linear (the classifier): decided from the FX graph, without a probe."""
+    if not isinstance(model, fx.GraphModule):
+        return set()
+    found: set[str] = set()
+    stack = [n for n in model.graph.nodes if n.op == "output"]
+    seen: set[fx.Node] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and isinstance(model.get_submodule(str(node.target)), PRUNABLE_ROOTS):
+            found.add(str(node.target))
+            continue
+        stack.extend(a for a in node.all_input_nodes)
+    names = _names(model)
+    return {names[model.get_submodule(t)] for t in found if model.get_submodule(t) in names}
+
+
+def _analyse_seconds() -> float:
+    import os
+
+    try:
+        return float(os.environ.get("PRUNERY_ANALYSE_SECONDS", "900"))
+    except ValueError:
+        return 900.0
+
+
+def _candidate_groups(
+    model: nn.Module, dg: tp.DependencyGraph, names: dict[nn.Module, str], budget: AnalyseBudget
+) -> tuple[list[tuple[str, int, list[GroupMember], list[grouped.GroupedTie]]], list[tuple[str, str]]]:
+    """One group per unvisited Conv/Linear root (Torch-Pruning's get_all_groups, but each
+    walk is bounded and a group that does not settle is excluded rather than fatal)."""
+    roots = [m for m in dg.module2node if isinstance(m, PRUNABLE_ROOTS) and m in names]
+    visited: set[int] = set()
+    candidates = []
+    excluded: list[tuple[str, str]] = []
+    for k, m in enumerate(roots):
+        if id(m) in visited:
+            continue
+        name = names[m]
+        budget.at(f"coupling channels: layer {k + 1} of {len(roots)} ({name})", 0.3 * k / max(len(roots), 1))
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except UnboundedGroup as exc:
+            visited.add(id(m))
+            excluded.append((name, f"{exc}; this layer is left at full width"))
+            continue
+        for item in group:
+            if dg.is_out_channel_pruning_fn(item.dep.handler) and isinstance(item.dep.target.module, nn.Module):
+                visited.add(id(item.dep.target.module))
+        ties = grouped.ties_of(dg, group, names)
+        dg.__dict__.setdefault("_prunery_ties", {})[name] = ties
+        candidates.append((name, len(group[0].idxs), describe_group(model, dg, group, names), ties))
+    return candidates, excluded
 
 
 def analyse(
@@ -370,47 +536,103 @@ def analyse(
     round_to: int = 1,
     seed: int = 0,
     ignored: Iterable[str] = (),
-    progress: Callable[[float], None] | None = None,
+    progress: Callable[..., None] | None = None,
+    seconds: float | None = None,
 ) -> Analysis:
-    """List prunable groups (each proven safe by a probe) and excluded ones with reasons."""
+    """List prunable groups (each proven safe by a probe) and excluded ones with reasons.
+
+    Bounded: every group walk is capped (bounded.py), the whole stage has a wall-clock budget
+    (`seconds`, default $PRUNERY_ANALYSE_SECONDS or 900) whose error names the layer it was
+    on, and `progress(fraction, message)` is called often (it may raise to cancel).
+    Probes are batched: all candidates are removed together in one probe, and only a batch
+    that fails is split in halves, so a model with f unsafe groups out of n needs about
+    1 + 2 f log2(n) probes instead of n.
+    """
+    budget = AnalyseBudget(seconds if seconds is not None else _analyse_seconds(), progress)
+    budget.at("tracing the model", 0.0)
     try:
         dg = build_dependency_graph(model, example)
     except Exception as exc:
         raise BadModel(f"Torch-Pruning could not trace the converted model: {type(exc).__name__}: {exc}") from None
+    dg.budget = budget
     names = _names(model)
     ignored = set(ignored)
-    candidates = []
-    for group in dg.get_all_groups(root_module_types=PRUNABLE_ROOTS):
-        root = group[0].dep.target.module
-        if root not in names:
-            continue
-        candidates.append((names[root], len(group[0].idxs), describe_group(model, dg, group, names)))
+    candidates, excluded = _candidate_groups(model, dg, names, budget)
     gen = torch.Generator().manual_seed(seed)
-    groups: list[ChannelGroup] = []
-    excluded: list[tuple[str, str]] = []
-    for i, (name, channels, members) in enumerate(candidates):
-        if progress:
-            progress(i / max(len(candidates), 1))
+    step = max(1, round_to)
+    outputs = _output_layers(model)
+    to_probe: dict[str, list[int]] = {}
+    info: dict[str, tuple[int, list[GroupMember]]] = {}
+    for name, channels, members, ties in candidates:
+        info[name] = (channels, members)
         if name in ignored:
             excluded.append((name, "excluded by the method"))
             continue
-        step = max(1, round_to)
+        if any(mem.role == "out" and mem.name in outputs for mem in members):
+            # Graph rule, no probe needed: these channels are the model's outputs.
+            excluded.append((name, f"its channels are the model's outputs ({channels} of them); removing any would change what the model returns"))
+            continue
+        clash = grouped.conflict(ties)
+        if clash is not None:
+            excluded.append((name, clash))
+            continue
+        if ties and ties[0].per_block <= 1:
+            excluded.append((name, f"every block of grouped convolution {ties[0].conv} has a single channel"))
+            continue
         if channels <= step:
             excluded.append((name, f"only {channels} channel(s): nothing can be removed at round_to={round_to}"))
             continue
         # Probe with a random set (not a prefix) so a head-aligned reshape cannot pass by luck.
         k = step if step > 1 else min(2, channels - 1)
-        idxs = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
-        reason = probe_group(model, example, batch, name, idxs)
-        if reason is not None and "shared with a normalisation" in reason and any(m.op == "LayerNorm" for m in members):
-            from workers.engine.residual import probe_layernorm_coupled  # the residual stream
+        to_probe[name] = sorted(torch.randperm(channels, generator=gen)[:k].tolist())
 
-            reason = probe_layernorm_coupled(model, example, batch, name, idxs) and reason
-        if reason is not None:
-            excluded.append((name, reason))
+    # A few samples prove zero equivalence as well as many (any misalignment shows on one).
+    batch = batch[:PROBE_SAMPLES]
+    with torch.no_grad():
+        reference_shape = run_located(model, batch).shape
+    reasons: dict[str, str | None] = {}
+    done = [0]
+    probes = [0]
+
+    def settle(names_: list[str]) -> None:
+        budget.at(
+            f"proving groups safe: {done[0]} of {len(to_probe)} settled (probing {', '.join(names_[:3])}"
+            + (f" and {len(names_) - 3} more)" if len(names_) > 3 else ")"),
+            0.3 + 0.7 * done[0] / max(len(to_probe), 1),
+        )
+        probes[0] += 1
+        reason = probe_groups(model, example, batch, {n: to_probe[n] for n in names_}, budget, reference_shape)
+        if reason is None:
+            for n in names_:
+                reasons[n] = None
+            done[0] += len(names_)
+        elif len(names_) == 1:
+            only = names_[0]
+            if "shared with a normalisation" in reason and any(mm.op == "LayerNorm" for mm in info[only][1]):
+                # The residual stream: LayerNorm statistics over the kept channels (residual.py).
+                from workers.engine.residual import probe_layernorm_coupled
+
+                reason = probe_layernorm_coupled(model, example, batch, only, to_probe[only]) and reason
+            reasons[only] = reason
+            done[0] += 1
         else:
+            half = len(names_) // 2
+            settle(names_[:half])
+            settle(names_[half:])
+
+    order = list(to_probe)
+    # Batches of bounded size keep one failing group from costing a probe of everything.
+    for start in range(0, len(order), 32):
+        settle(order[start : start + 32])
+    groups: list[ChannelGroup] = []
+    for name in order:
+        if reasons.get(name) is None:
+            channels, members = info[name]
             groups.append(ChannelGroup(name, channels, members))
-    return Analysis(groups=groups, excluded=excluded, lifted=[])
+        else:
+            excluded.append((name, str(reasons[name])))
+    budget.at(f"{len(groups)} prunable groups, {len(excluded)} excluded", 1.0)
+    return Analysis(groups=groups, excluded=excluded, lifted=[], probes=probes[0])
 
 
 def prune_copy(model: nn.Module, example: torch.Tensor, plan: dict[str, Sequence[int]]) -> nn.Module:

@@ -235,6 +235,10 @@ def load(
     batch = dims[0] if fixed_batch else 2
     probe_dims = [batch, *sample_shape]
     lifted = graph.lift_linears(module)
+    # Channel shuffles and constant channel slices/scales become channel-aware modules
+    # (graph.rewrite_channel_structure), before the batch-polymorphic rewrite below.
+    structure_example = torch.from_numpy(random_input(probe_dims, dtype, seed, input_high))
+    notes.extend(graph.rewrite_channel_structure(module, structure_example))
     if lifted:
         notes.append(f"lifted {len(lifted)} MatMul(+Add) pairs with constant weights into Linear layers")
 

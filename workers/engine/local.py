@@ -192,8 +192,31 @@ def print_table(report) -> None:
     print(f"\ntarget: keep {t.requested} of {'MACs' if t.kind == 'flops' else t.kind}; achieved {t.achieved:.4f} ({'met' if t.met else 'NOT met'})")
     if report.excluded:
         print(f"excluded layers: {len(report.excluded)} (reasons in report.md)")
+    for note in report.notes:
+        if note.startswith("uneven cut:"):
+            print(note)
     for g in report.gates:
         print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}")
+
+
+_terminated = False
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM stops the run like Ctrl-C does: the KeyboardInterrupt unwinds to main(),
+    which removes the temporary output directory (a killed run leaves nothing behind)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        global _terminated
+        _terminated = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.tmp-", dir=parent))
     bar = _Progress(args.quiet)
+    _stop_on_sigterm()
     try:
         report = run(
             spec, args.model, args.data, tmp, progress=bar, device=args.device,
@@ -234,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         print("prunery prune: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return 143 if _terminated else 130
     except Exception as exc:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,7 +116,7 @@ class PruneContext:
         scores: dict[str, torch.Tensor],
         allocation: str = "uniform",
         model: nn.Module | None = None,
-        max_layer_ratio: float = 0.9,
+        max_layer_ratio: float | None = None,
     ) -> tuple[nn.Module, budget.Plan, dict[str, Any]]:
         """Remove the lowest-scored channels (root-channel order of each group) until the
         spec's target is met; returns (pruned copy, plan, details)."""
@@ -127,6 +127,8 @@ class PruneContext:
             plan = budget.explicit_plan(groups, scores, target.layers, self.round_to)
             pruned = budget.apply_plan(model, self.example, plan)
             return pruned, plan, {"allocation": "layers", "evaluations": 1}
+        if max_layer_ratio is None:
+            max_layer_ratio = self.spec.export.max_layer_cut
         chunks = budget.removal_order(groups, scores, allocation, self.round_to, max_layer_ratio)
         result = budget.search(
             model,

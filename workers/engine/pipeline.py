@@ -33,6 +33,7 @@ from workers.engine import graph, heads, inputs, load, progressive, recovery, to
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
+from workers.engine.uneven import uneven_cut_note
 from workers.errors import BadDataset, BadSpec, NotApplicable
 from workers.methods import catalog
 
@@ -208,7 +209,7 @@ def run(
     calibration = data.x_train[calib_idx]
     analysis = graph.analyse(
         loaded.module, example, calibration[:16], round_to=spec.export.round_to, seed=spec.seed,
-        progress=lambda f: report_progress("analyse", f, None),
+        progress=lambda f, m=None: report_progress("analyse", f, m),
     )
     analysis.lifted = loaded.lifted
     if getattr(method, "prunes_heads", False):  # whole attention heads (heads.py)
@@ -357,6 +358,12 @@ def run(
     layers = _layer_rows(loaded.module, pruned, base_costs.per_layer, after_costs.per_layer)
     layers.extend(heads.report_rows(loaded.module, pruned))
     gates: list[GateResult] = []
+    if requested is not None and not spec.gates.allow_target_miss:
+        # A missed budget is a failed job, not a quiet success (gates.allow_target_miss opts out).
+        gates.append(GateResult(name="target", limit=target.tolerance, value=abs(achieved - requested), passed=met))
+    note = uneven_cut_note(analysis, layers, achieved, spec.export.max_layer_cut)
+    if note:
+        notes.append(note)
     if spec.gates.max_accuracy_drop is not None and accuracy is not None:
         gates.append(GateResult(
             name="max_accuracy_drop", limit=spec.gates.max_accuracy_drop, value=accuracy.drop,

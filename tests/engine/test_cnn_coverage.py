@@ -1,0 +1,109 @@
+"""Every common CNN family prunes: grouped convs (RegNet, ResNeXt), channel shuffle and
+channel slices (ShuffleNet, both exporters), layer scale (ConvNeXt), SE and depthwise
+(MobileNetV3, EfficientNet). Reduced-width torchvision builds, random init, 32x32,
+`recovery none`: each must land on 0.5 of the MACs within 1%, with parity, and nothing
+excluded except the classifier."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import cnnkit  # noqa: E402
+
+from prunery.spec import JobSpec  # noqa: E402
+from workers.engine import graph, load, run  # noqa: E402
+
+SIZE = 32
+
+CASES = [
+    ("shufflenet_v2_x0_5", False),
+    ("shufflenet_v2_x0_5", True),
+    ("regnet_x_400mf", False),
+    ("convnext_tiny", False),
+    ("resnext50_32x4d", False),
+    ("mobilenet_v3_small", False),
+    ("efficientnet_b0", False),
+]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return cnnkit.image_npz(tmp_path_factory.mktemp("cnn") / "images.npz", SIZE)
+
+
+@pytest.mark.parametrize(("name", "dynamo"), CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
+def test_prunes_to_half_the_macs(name, dynamo, images, tmp_path):
+    torch.set_num_threads(2)
+    path = cnnkit.export(cnnkit.reduced(name), tmp_path / f"{name}.onnx", SIZE, dynamo)
+    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"})
+    report = run(spec, path, images, tmp_path / "out", latency_runs=20)
+    assert abs(report.target.achieved - 0.5) <= 0.01 and report.target.met
+    assert report.gates_passed and [g.name for g in report.gates] == ["target"]
+    # Only the classifier is excluded, for being the output; no structural exclusions.
+    assert len(report.excluded) == 1, report.excluded
+    assert "model's outputs" in report.excluded[0].reason
+    for e in report.excluded:
+        assert not any(word in e.reason for word in cnnkit.STRUCTURAL), e
+    assert report.parity["max_rel_diff"] <= load.PARITY_RTOL
+    assert report.macs.after < report.macs.before
+    # The structures this test exists for really were pruned (not merely tolerated).
+    cut = {r.name: (r.channels_before, r.channels_after) for r in report.layers}
+    assert sum(1 for b, a in cut.values() if a < b) >= len(cut) // 2
+
+
+def test_channel_shuffle_is_a_permutation_that_follows_pruning(tmp_path):
+    """The exported shuffle becomes one ChannelPermute per block, and pruning a group that
+    passes through it removes the permuted channels (the walk settles in a few steps)."""
+    path = cnnkit.export(cnnkit.reduced("shufflenet_v2_x0_5"), tmp_path / "s.onnx", SIZE, False)
+    loaded = load.load(path, (3, SIZE, SIZE))
+    from workers.engine.shuffle import ChannelPermute, ChannelSlice
+
+    kinds = [type(m) for m in loaded.module.modules()]
+    assert kinds.count(ChannelPermute) == 6 and kinds.count(ChannelSlice) == 6
+    x = torch.randn(4, 3, SIZE, SIZE)
+    analysis = graph.analyse(loaded.module, x[:1], x)
+    assert analysis.probes <= 3  # batched: one probe proves every group
+    root = next(g.name for g in analysis.groups if g.name.endswith("stage2/1/branch2/branch2/5/Conv"))
+    pruned = graph.prune_copy(loaded.module, x[:1], {root: [0, 5, 7]})
+    with torch.no_grad():
+        assert pruned(x).shape == (4, 10)
+    permutes = [m for m in pruned.modules() if isinstance(m, ChannelPermute)]
+    assert any(m.perm.numel() == 45 for m in permutes)  # a 48-channel shuffle lost 3 channels
+
+
+def test_grouped_conv_removes_whole_offsets():
+    """A request inside a grouped conv is projected onto offsets removed from every block."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 8, 1)).eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    dg = graph.build_dependency_graph(gm, x[:1])
+    # 4 requested channels, 3 of them at offset 1 of their block: offset 1 goes from all 4 blocks.
+    group = graph.full_group(gm, dg, "0", [1, 5, 9, 2])
+    assert sorted(group[0].idxs) == [1, 5, 9, 13]
+    group.prune()
+    assert gm.get_submodule("1").weight.shape == (16, 3, 3, 3)
+    with torch.no_grad():
+        assert gm(x).shape == (2, 8, 8, 8)
+
+
+def test_layer_scale_is_sliced_with_its_channels(tmp_path):
+    path = cnnkit.export(cnnkit.reduced("convnext_tiny"), tmp_path / "c.onnx", SIZE, False)
+    loaded = load.load(path, (3, SIZE, SIZE))
+    from workers.engine.channel_consts import ChannelConstant
+
+    scales = [m for m in loaded.module.modules() if isinstance(m, ChannelConstant)]
+    assert len(scales) == 3 and any("layer scale" in n for n in loaded.notes)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    root = "features/features/0/features/0/0/Conv"  # the stem: stage 1's residual stream
+    pruned = graph.prune_copy(loaded.module, x[:1], {root: [1, 2, 3]})
+    assert {tuple(m.weight.shape) for m in pruned.modules() if isinstance(m, ChannelConstant)} >= {(13, 1, 1)}
+    with torch.no_grad():
+        assert pruned(x).shape == (4, 10)
