@@ -364,7 +364,7 @@ def analyse(
     model: nn.Module,
     example: torch.Tensor,
     batch: torch.Tensor,
-    round_to: int = 1,
+    round_to: int | None = 1,
     seed: int = 0,
     ignored: Iterable[str] = (),
     progress: Callable[[float], None] | None = None,
@@ -391,7 +391,7 @@ def analyse(
         if name in ignored:
             excluded.append((name, "excluded by the method"))
             continue
-        step = max(1, round_to)
+        step = max(1, round_to or 1)
         if channels <= step:
             excluded.append((name, f"only {channels} channel(s): nothing can be removed at round_to={round_to}"))
             continue
