@@ -278,6 +278,8 @@ class GroupProfile:
     @property
     def time_per_mac(self) -> float | None:
         ws = sorted(self.times_us)
+        if len(ws) < 2:
+            return None
         lo, hi = ws[0], ws[-1]
         dm = self.macs[hi] - self.macs[lo]
         if dm <= 0:
