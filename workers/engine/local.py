@@ -191,7 +191,7 @@ def print_table(report) -> None:
     if report.excluded:
         print(f"excluded layers: {len(report.excluded)} (reasons in report.md)")
     for g in report.gates:
-        print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}")
+        print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}" + (f" ({g.message})" if g.message and not g.passed else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
