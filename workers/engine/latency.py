@@ -432,15 +432,6 @@ def batch_of(sample: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([sample] * reps, axis=0)[:batch]
 
 
-def interleaved_ratio(base: bytes, pruned: bytes, input_name: str, sample: np.ndarray, batch: int,
-                      runs: int = SEARCH_RUNS, threads: int | None = None) -> tuple[float, float, float]:
-    """(pruned/base median ratio, base median ms, pruned median ms), timed alternately."""
-    from workers.engine.export import interleaved_latency
-
-    a, b = interleaved_latency(base, pruned, input_name, input_name, sample, batch, runs=runs, threads=threads)
-    return b.median_ms / a.median_ms, a.median_ms, b.median_ms
-
-
 @dataclass
 class NetworkTimer:
     """Times a torch module, exported to ONNX as the engine exports it, against the original."""
@@ -461,8 +452,32 @@ class NetworkTimer:
         return export_onnx(module, self.example, self.opset, input_name=self.input_name).SerializeToString()
 
     def ratio(self, module: nn.Module | bytes, batch: int) -> float:
+        """Median of per-pair time ratios pruned/original over `runs` adjacent pairs, the
+        order alternating (ABBA) so drift in machine load cancels."""
         pruned = module if isinstance(module, bytes) else self.export(module)
-        return interleaved_ratio(self.base, pruned, self.input_name, self.sample, batch, self.runs, self.threads)[0]
+        base_sess = session(self.base, self.threads)
+        pruned_sess = session(pruned, self.threads)
+        x = batch_of(self.sample, batch)
+        feed = {self.input_name: x}
+        for _ in range(3):
+            base_sess.run(None, feed)
+            pruned_sess.run(None, feed)
+
+        def timed(sess) -> float:
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            return time.perf_counter() - t0
+
+        ratios = []
+        for i in range(self.runs):
+            if i % 2:
+                tb = timed(pruned_sess)
+                ta = timed(base_sess)
+            else:
+                ta = timed(base_sess)
+                tb = timed(pruned_sess)
+            ratios.append(tb / ta)
+        return float(statistics.median(ratios))
 
     def speedups(self, module: nn.Module, batches: Sequence[int]) -> dict[int, float]:
         pruned = self.export(module)
@@ -478,23 +493,24 @@ def search_latency(
     from workers.engine.budget import BudgetUnreachable, plan_of
     from workers.engine.graph import prune_copy
 
-    cache: dict[int, tuple[float, nn.Module]] = {}
+    cache: dict[int, tuple[list[float], nn.Module, bytes]] = {}
     trace: list[tuple[int, float]] = []
 
     def evaluate(n: int) -> float:
         if n not in cache:
             pruned = prune_copy(model, example, plan_of(chunks[:n]))
-            cache[n] = (timer.ratio(pruned, batch), pruned)
-            trace.append((n, round(cache[n][0], 4)))
+            onnx_bytes = timer.export(pruned)
+            cache[n] = ([timer.ratio(onnx_bytes, batch)], pruned, onnx_bytes)
+            trace.append((n, round(cache[n][0][0], 4)))
             if progress:
                 progress(min(1.0, len(cache) / (math.log2(len(chunks) + 2) + 3)))
-        return cache[n][0]
+        return statistics.median(cache[n][0])
 
     lo, hi = 0, len(chunks)
     if evaluate(hi) > target:
         raise BudgetUnreachable(
             f"the target keeps {target:.1%} of the measured latency at batch {batch}, but removing every "
-            f"channel that can be removed safely still keeps {cache[hi][0]:.1%}; raise the target, or see "
+            f"channel that can be removed safely still keeps {evaluate(hi):.1%}; raise the target, or see "
             "the excluded layers for what cannot be pruned"
         )
     while hi - lo > 1:
@@ -503,15 +519,18 @@ def search_latency(
             hi = mid
         else:
             lo = mid
-    # Measurements are noisy: the neighbour that measured closest wins, then it is timed
-    # again (the report measures it once more, independently, in verify).
-    best = min((n for n in (lo, hi) if n in cache), key=lambda n: abs(cache[n][0] - target))
-    again = timer.ratio(cache[best][1], batch)
+    # Measurements are noisy: both neighbours are timed twice more, and the one whose median
+    # lands closest wins (verify then measures it once more, independently).
+    finalists = [n for n in (lo, hi) if n in cache and n > 0]
+    for n in finalists:
+        for _ in range(2):
+            cache[n][0].append(timer.ratio(cache[n][2], batch))
+    best = min(finalists, key=lambda n: abs(evaluate(n) - target))
     details = {
-        "allocation_metric": f"measured onnxruntime latency at batch {batch}",
-        "evaluations": len(cache) + 1,
+        "allocation_metric": f"measured onnxruntime latency at batch {batch} (median of per-pair ratios)",
+        "evaluations": sum(len(v[0]) for v in cache.values()),
         "latency_search": [{"chunks": n, "kept": r} for n, r in trace],
-        "kept_latency_search": round(statistics.median([cache[best][0], again]), 4),
+        "kept_latency_search": round(evaluate(best), 4),
     }
     return cache[best][1], plan_of(chunks[:best]), details
 
