@@ -19,8 +19,8 @@ slower than one with a width that is a multiple of 8. So this module *measures*:
   The group's step is the smallest of (1, S/2, S) whose probe width is fast: its widths are
   then multiples of that step. Cost: at most 4 one-op timings per layer and group.
 * **Latency-aware allocation.** The same timings give each group's measured time saved per
-  MAC removed; dividing the removal order's keys by it (normalised to the median group,
-  clipped to [1/4, 4]) makes the budget go where it buys the most time.
+  MAC removed; dividing the removal order's keys by its square root (normalised to the
+  median group, clipped to [1/2, 2]) makes the budget go where it buys the most time.
 * **Latency targets.** `target.latency = F` binary-searches the removal order's prefix
   against the *measured* latency of the really pruned network, exported to ONNX and timed
   alternately with the original (median of interleaved runs).
@@ -55,6 +55,10 @@ RUNS = 15  # timed runs per op and width (interleaved), after WARMUP
 WARMUP = 3
 SEARCH_RUNS = 20  # interleaved whole-network runs per latency-search evaluation
 NOISE_REL, NOISE_ABS_US = 0.04, 2.0  # what counts as "no slower than the line"
+# Latency-aware allocation: a group's keys are divided by sqrt(its measured time saved per
+# MAC / the median group's), clipped to [1/WEIGHT_MAX, WEIGHT_MAX] — a nudge, not a takeover:
+# one-op timings of small layers are noisy, and very uneven cuts cost accuracy.
+WEIGHT_MAX = 2.0
 GATE_NOISE = 0.03  # min_speedup allows this much measurement noise (stated in the gate)
 
 
@@ -409,7 +413,7 @@ def profile(
     for g in out.values():
         r = g.time_per_mac
         if med > 0 and r is not None:
-            g.weight = float(min(4.0, max(0.25, r / med)))
+            g.weight = float(min(WEIGHT_MAX, max(1.0 / WEIGHT_MAX, math.sqrt(r / med))))
     return LatencyProfile(
         runtime=timer.runtime, batch=batch, threads=threads, groups=out, seconds=time.perf_counter() - t0,
         ops_timed=timer.timed, ops_cached=timer.cached, timer=timer,
@@ -545,10 +549,11 @@ def slower(speedups: dict[int, float]) -> bool:
 def ensure_faster(
     lat: LatencyProfile, timer: NetworkTimer, rerun: Callable[[], Any], first: Any, module_of: Callable[[Any], nn.Module],
     batches: Sequence[int], notes: list[str], progress: Callable[[float, str | None], None] | None = None,
+    meets_target: Callable[[Any], bool] = lambda _r: True,
 ) -> tuple[Any, dict[str, Any]]:
     """Time the method's pruned model against the original at every reported batch size; if
     it is slower, re-run the method's allocation with coarser widths, then with fewer cut
-    groups, and keep the fastest. Returns (result, details for the report)."""
+    groups, and keep the fastest that still meets the budget. Returns (result, details)."""
     measured = timer.speedups(module_of(first), batches)
     history = [{"widths": lat.mode, "speedup": {str(b): round(s, 3) for b, s in measured.items()}}]
     best, best_speed, best_cfg = first, measured, (lat.mode, set(lat.skip))
@@ -558,10 +563,11 @@ def ensure_faster(
 
     def fewer_cuts() -> None:
         # Leave uncut the groups whose measured time falls least per MAC removed.
+        lat.mode = "measured"
         ranked = sorted(lat.groups.values(), key=lambda g: g.weight)
         lat.skip = {g.name for g in ranked[: max(1, len(ranked) // 3)] if g.weight < 1.0}
 
-    attempts.append(("coarse, fewer cut layers", fewer_cuts))
+    attempts.append(("fewer cut layers", fewer_cuts))
     for label, change in attempts:
         change()
         if progress:
@@ -570,6 +576,9 @@ def ensure_faster(
             candidate = rerun()
         except Exception as exc:  # e.g. the budget is unreachable without those groups
             history.append({"widths": label, "error": str(exc).splitlines()[0][:200]})
+            continue
+        if not meets_target(candidate):
+            history.append({"widths": label, "error": "misses the budget's tolerance"})
             continue
         speed = timer.speedups(module_of(candidate), batches)
         history.append({"widths": label, "speedup": {str(b): round(s, 3) for b, s in speed.items()}})
@@ -598,7 +607,7 @@ def attach(ctx: Any, base: bytes, input_name: str, sample: np.ndarray, threads: 
     if not auto and spec.target.kind != "latency" and spec.gates.min_speedup is None:
         return
     ctx.latency_timer = NetworkTimer(base, input_name, sample, ctx.example.cpu(), spec.export.opset, threads)
-    if auto:
+    if auto and spec.target.kind != "layers":  # explicit per-layer ratios need no steps
         batch = spec.target.latency_batch if spec.target.kind == "latency" else 1
         if progress:
             progress(0.0, "timing each layer's kernels at candidate widths (onnxruntime)")
@@ -664,3 +673,12 @@ def confirm_if_slow(spec: Any, before: Any, after: Any, notes: list[str], measur
         f"{b2.median_ms / a2.median_ms:.3f}x (reported)"
     )
     return b2, a2
+
+
+def meets_budget(target: Any, costs: Any, base: Any) -> bool:
+    """A MAC/parameter target within its tolerance (torch count); other targets: True."""
+    if target.kind == "flops":
+        return abs(costs.macs / base.macs - target.flops) <= target.tolerance
+    if target.kind == "params":
+        return abs(costs.params / base.params - target.params) <= target.tolerance
+    return True

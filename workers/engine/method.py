@@ -128,7 +128,8 @@ class PruneContext:
         target = self.spec.target
         groups = [g for g in self.groups if g.name in scores]
         if target.layers is not None:
-            plan = budget.explicit_plan(groups, scores, target.layers, self.round_to)
+            # Explicit ratios are taken as given: rounded only to an explicit round_to.
+            plan = budget.explicit_plan(groups, scores, target.layers, self.spec.export.round_to or 1)
             pruned = budget.apply_plan(model, self.example, plan)
             return pruned, plan, {"allocation": "layers", "evaluations": 1}
         lat = self.latency
