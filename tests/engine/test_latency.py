@@ -143,3 +143,16 @@ def test_spec_and_cli_latency_target():
     args = build_parser().parse_args(["m.onnx", "--data", "d.npz", "--out", "o", "--target-flops", "0.5", "--round-to", "8"])
     spec = build_spec(args)
     assert spec.export.round_to == 8 and spec.gates.min_speedup == 1.0 and spec.target.tolerance == 0.01
+
+
+def test_submit_cli_latency_flags():
+    from prunery import remote_cli
+
+    args = remote_cli._parser().parse_args([
+        "submit", "m.onnx", "--data", "d.npz", "--method", "l1_norm", "--target-latency", "0.5",
+        "--latency-batch", "32", "--min-speedup", "null", "--round-to", "8",
+    ])
+    assert remote_cli._target(args) == {"latency": 0.5, "latency_batch": 32}
+    assert remote_cli._min_speedup(args.min_speedup) is None and remote_cli._min_speedup("1.2") == 1.2
+    with pytest.raises(ValueError, match="give a number"):
+        remote_cli._min_speedup("fast")
