@@ -345,11 +345,6 @@ class LatencyProfile:
     def order_options(self) -> dict[str, Any]:
         return {"steps": self.steps(), "weights": self.weights()}
 
-    def common_step(self) -> int:
-        """One step for methods that choose widths themselves (the median group's)."""
-        steps = sorted(self.steps().values())
-        return steps[len(steps) // 2] if steps else 1
-
     def summary(self) -> dict[str, Any]:
         counts: dict[int, int] = {}
         for s in self.steps().values():

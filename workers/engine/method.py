@@ -87,9 +87,9 @@ class PruneContext:
 
     @property
     def round_to(self) -> int:
-        if self.spec.export.round_to is not None:
-            return self.spec.export.round_to
-        return self.latency.common_step() if self.latency is not None else 1
+        # Methods that choose widths themselves (network_slimming's threshold, tas, pfs) get
+        # the explicit round_to or 1; the measured per-group steps apply in prune_to_budget.
+        return self.spec.export.round_to or 1
 
     @property
     def teacher(self) -> nn.Module:
