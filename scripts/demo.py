@@ -174,7 +174,10 @@ def main() -> int:
         job.wait(progress=True)
 
         print("[4/5] report:", flush=True)
-        print(format_report(job.report()))
+        report = job.report()
+        print(format_report(report))
+        speed = ", ".join(f"{lat.speedup:.2f}x at batch {lat.batch_size}" for lat in report.latency_ms)
+        print(f"      headline: MACs x{report.macs.ratio:.2f}; measured onnxruntime speedup {speed}")
         if job.gates_passed is False:
             print("      note: a gate was missed (the model is still available)")
         paths = job.download(args.out / job.id)

@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     target = s.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="fraction of the MACs to keep, e.g. 0.5")
     target.add_argument("--target-params", type=float, help="fraction of the parameters to keep")
+    target.add_argument(
+        "--target-latency", type=float, help="fraction of the measured latency to keep, e.g. 0.5"
+    )
+    s.add_argument("--latency-batch", type=int, help="batch size of --target-latency (default 1)")
+    s.add_argument(
+        "--round-to", type=int, help="channel multiple (default: chosen per layer by timing it)"
+    )
+    s.add_argument(
+        "--min-speedup",
+        help="gate: smallest measured speedup at every batch size (default 1.0; null disables)",
+    )
     s.add_argument(
         "--task", default="classification", choices=["classification", "language_modeling"]
     )
@@ -184,6 +195,7 @@ def format_report(report: Any) -> str:
     for g in report.gates:
         lines.append(
             f"gate      {g.name}: {g.value:g} (limit {g.limit:g}) {'passed' if g.passed else 'MISSED'}"
+            + (f" ({g.message})" if g.message and not g.passed else "")
         )
     lines.append(f"device    {report.device}")
     return "\n".join(lines)
@@ -279,6 +291,28 @@ def _resolve_upload(client: Any, namespace: Any, ref: str, prefix: str, **kw: An
     return namespace.upload(ref, **kw).id
 
 
+def _target(args: argparse.Namespace) -> dict[str, Any]:
+    if args.target_flops is not None:
+        return {"flops": args.target_flops}
+    if args.target_params is not None:
+        return {"params": args.target_params}
+    target: dict[str, Any] = {"latency": args.target_latency}
+    if args.latency_batch is not None:
+        target["latency_batch"] = args.latency_batch
+    return target
+
+
+def _min_speedup(text: str) -> float | None:
+    if text.strip().lower() in ("null", "none", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(
+            f"--min-speedup {text!r}: give a number such as 1.0, or null to disable the gate"
+        ) from None
+
+
 def _submit(client: Any, args: argparse.Namespace) -> int:
     from prunery.spec import JobSpec
 
@@ -304,15 +338,20 @@ def _submit(client: Any, args: argparse.Namespace) -> int:
         "dataset_id": data_id,
         "task": args.task,
         "method": {"name": args.method, "params": params},
-        "target": {"flops": args.target_flops}
-        if args.target_flops is not None
-        else {"params": args.target_params},
+        "target": _target(args),
         "recovery": recovery,
     }
     if eval_id:
         spec["eval_dataset_id"] = eval_id
+    if args.round_to is not None:
+        spec["export"] = {"round_to": args.round_to}
+    gates: dict[str, Any] = {}
     if args.max_accuracy_drop is not None:
-        spec["gates"] = {"max_accuracy_drop": args.max_accuracy_drop}
+        gates["max_accuracy_drop"] = args.max_accuracy_drop
+    if args.min_speedup is not None:
+        gates["min_speedup"] = _min_speedup(args.min_speedup)
+    if gates:
+        spec["gates"] = gates
     if args.seed is not None:
         spec["seed"] = args.seed
     JobSpec.model_validate(spec)  # fail fast, before the server does

@@ -23,9 +23,9 @@ class BeforeAfter(BaseModel):
 
 
 class TargetResult(BaseModel):
-    kind: str = Field(description="flops | params | layers")
+    kind: str = Field(description="flops | params | latency | layers")
     requested: float | None
-    achieved: float = Field(description="Fraction of the original kept (MACs or params).")
+    achieved: float = Field(description="Fraction of the original kept (MACs, params or measured latency).")
     tolerance: float
     met: bool
     measured_on: str = "exported ONNX graphs"
@@ -58,6 +58,8 @@ class LayerRow(BaseModel):
     channels_after: int
     macs_before: int
     macs_after: int
+    latency_before_us: float | None = Field(default=None, description="the layer alone, onnxruntime, batch 1")
+    latency_after_us: float | None = None
 
 
 class ExcludedLayer(BaseModel):
@@ -70,6 +72,7 @@ class GateResult(BaseModel):
     limit: float
     value: float
     passed: bool
+    message: str | None = None
 
 
 class Report(BaseModel):
@@ -145,12 +148,15 @@ def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+_TARGET_WORDS = {"params": "parameters", "flops": "MACs", "latency": "measured latency"}
+
+
 def render_markdown(report: Report) -> str:
     t = report.target
     lines = [
         f"# Prunery report — {report.method['name']}",
         "",
-        f"Target: keep **{t.requested}** of the {'parameters' if t.kind == 'params' else 'MACs' if t.kind == 'flops' else 'channels per layer list'}; "
+        f"Target: keep **{t.requested}** of the {_TARGET_WORDS.get(t.kind, 'channels per layer list')}; "
         f"achieved **{t.achieved:.4f}** ({'met' if t.met else 'NOT met'}, tolerance {t.tolerance}; {t.measured_on}).",
         "",
         "| metric | before | after | change |",
@@ -170,11 +176,19 @@ def render_markdown(report: Report) -> str:
     if report.gates:
         lines += ["", "## Gates", "", "| gate | limit | value | result |", "|---|---:|---:|---|"]
         lines += [f"| {g.name} | {g.limit} | {g.value:.3f} | {'pass' if g.passed else 'FAIL'} |" for g in report.gates]
-    lines += ["", "## Layers", "", "| layer | op | channels | MACs before | MACs after |", "|---|---|---:|---:|---:|"]
+        lines += [f"- {g.name}: {g.message}" for g in report.gates if g.message]
+    timed = any(r.latency_before_us is not None for r in report.layers)
+    lines += ["", "## Layers", "", "| layer | op | channels | MACs before | MACs after |" + (" µs before → after |" if timed else ""),
+              "|---|---|---:|---:|---:|" + ("---:|" if timed else "")]
     for row in report.layers:
+        lat = (
+            f" {row.latency_before_us:.1f} → {row.latency_after_us:.1f} |"
+            if timed and row.latency_before_us is not None and row.latency_after_us is not None
+            else (" |" if timed else "")
+        )
         lines.append(
             f"| `{row.name}` | {row.op} | {row.channels_before} → {row.channels_after} | "
-            f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |"
+            f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |{lat}"
         )
     if report.excluded:
         lines += ["", "## Excluded from pruning", "", "| layer | reason |", "|---|---|"]

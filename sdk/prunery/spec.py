@@ -33,13 +33,21 @@ class MethodSpec(_Strict):
 
 
 class Target(_Strict):
-    """The budget. Exactly one of flops / params / layers."""
+    """The budget. Exactly one of flops / params / latency / layers."""
 
     flops: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of the original MACs to keep."
     )
     params: float | None = Field(
         default=None, gt=0.0, le=1.0, description="Fraction of the original parameters to keep."
+    )
+    latency: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Fraction of the original's measured latency to keep (onnxruntime, batch "
+        "`latency_batch`); the allocation is searched against measured latency of the pruned network.",
+    )
+    latency_batch: int = Field(
+        default=1, ge=1, le=4096, description="Batch size at which target.latency is measured."
     )
     layers: dict[Annotated[str, Field(max_length=256)], float] | None = Field(
         default=None,
@@ -50,17 +58,21 @@ class Target(_Strict):
         default=0.01,
         gt=0.0,
         le=0.2,
-        description="Allowed |achieved - requested|, as a fraction of the original.",
+        description="Allowed |achieved - requested|, as a fraction of the original "
+        "(default 0.01; for a latency target 5% of the request).",
     )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        given = [k for k in ("flops", "params", "layers") if getattr(self, k) is not None]
+        given = [k for k in ("flops", "params", "latency", "layers") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "target needs exactly one of 'flops', 'params' or 'layers' "
+                "target needs exactly one of 'flops', 'params', 'latency' or 'layers' "
                 f"(got {given or 'none'}); e.g. {{\"flops\": 0.5}}"
             )
+        if self.latency is not None and "tolerance" not in self.model_fields_set:
+            # Measured latency is noisy: the default is +-5% of the requested fraction.
+            self.tolerance = round(0.05 * self.latency, 6)
         if self.layers is not None:
             for name, ratio in self.layers.items():
                 if not 0.0 <= ratio < 1.0:
@@ -70,16 +82,21 @@ class Target(_Strict):
         return self
 
     @property
-    def kind(self) -> Literal["flops", "params", "layers"]:
+    def kind(self) -> Literal["flops", "params", "latency", "layers"]:
         if self.flops is not None:
             return "flops"
         if self.params is not None:
             return "params"
+        if self.latency is not None:
+            return "latency"
         return "layers"
 
     @property
     def fraction(self) -> float | None:
-        return self.flops if self.flops is not None else self.params
+        for value in (self.flops, self.params, self.latency):
+            if value is not None:
+                return value
+        return None
 
 
 class Distillation(_Strict):
@@ -118,8 +135,11 @@ class Recovery(_Strict):
 
 class ExportSpec(_Strict):
     opset: int = Field(default=17, ge=11, le=23)
-    round_to: int = Field(
-        default=1, ge=1, le=256, description="Keep channel counts a multiple of this."
+    round_to: int | None = Field(
+        default=None, ge=1, le=256,
+        description="Keep channel counts a multiple of this. Default (null): chosen per layer by "
+        "timing its convolution/matmul at candidate widths on the target runtime (see README, "
+        "'Latency-first pruning').",
     )
     max_layer_cut: float = Field(
         default=0.9, gt=0.0, lt=1.0,
@@ -137,6 +157,13 @@ class Gates(_Strict):
     allow_target_miss: bool = Field(
         default=False,
         description="Count a run whose achieved budget is outside target.tolerance as passing (by default it fails the 'target' gate).",
+    )
+    min_speedup: float | None = Field(
+        default=1.0,
+        ge=0.0,
+        le=1000.0,
+        description="Smallest allowed measured speedup (original / pruned median latency, onnxruntime) "
+        "at every reported batch size, allowing 3% measurement noise; null disables the gate.",
     )
 
 

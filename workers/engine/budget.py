@@ -73,21 +73,29 @@ def removal_order(
     allocation: str,
     round_to: int = 1,
     max_ratio: float = 0.9,
+    steps: dict[str, int] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> list[Chunk]:
+    """`steps`: a measured step per group (replaces round_to); `weights`: measured time saved
+    per MAC per group (keys are divided by it; 0 leaves the group uncut). See latency.py."""
     chunks: list[Chunk] = []
     for gi, group in enumerate(groups):
+        weight = 1.0 if weights is None else weights.get(group.name, 1.0)
+        if weight <= 0.0:
+            continue
         s = scores[group.name].double()
         if s.numel() != group.channels:
             raise EngineError(f"method scored {s.numel()} channels of {group.name}, which has {group.channels}")
         order = torch.argsort(s, stable=True).tolist()
         mean = float(s.abs().mean()) or 1.0
         removed = 0
-        for chunk in _chunks_for_group(group, order, round_to, max_ratio):
+        step = round_to if steps is None else steps.get(group.name, round_to)
+        for chunk in _chunks_for_group(group, order, step, max_ratio):
             removed += len(chunk)
             if allocation == "uniform":
-                key = removed / group.channels + gi * 1e-9
+                key = removed / group.channels / weight + gi * 1e-9
             elif allocation == "global":
-                key = float(s[chunk].max()) / mean + gi * 1e-12
+                key = float(s[chunk].max()) / mean / weight + gi * 1e-12
             else:
                 raise BadSpec(f"unknown allocation {allocation!r}; use 'uniform' or 'global'")
             chunks.append(Chunk(group.name, chunk, key))

@@ -533,7 +533,7 @@ def analyse(
     model: nn.Module,
     example: torch.Tensor,
     batch: torch.Tensor,
-    round_to: int = 1,
+    round_to: int | None = 1,
     seed: int = 0,
     ignored: Iterable[str] = (),
     progress: Callable[..., None] | None = None,
@@ -559,7 +559,7 @@ def analyse(
     ignored = set(ignored)
     candidates, excluded = _candidate_groups(model, dg, names, budget)
     gen = torch.Generator().manual_seed(seed)
-    step = max(1, round_to)
+    step = max(1, round_to or 1)  # None: widths measured per layer later (latency.py)
     outputs = _output_layers(model)
     to_probe: dict[str, list[int]] = {}
     info: dict[str, tuple[int, list[GroupMember]]] = {}

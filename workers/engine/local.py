@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     tgt.add_argument("--target-flops", type=float, help="fraction of MACs to keep, e.g. 0.5")
     tgt.add_argument("--target-params", type=float, help="fraction of parameters to keep")
     tgt.add_argument("--target-layers", type=str, help='JSON {"layer": ratio to remove, ...}')
-    p.add_argument("--tolerance", type=float, default=0.01, help="allowed |achieved - target| (default 0.01)")
+    tgt.add_argument("--target-latency", type=float, help="fraction of the original's measured latency to keep, e.g. 0.5")
+    p.add_argument("--latency-batch", type=int, help="batch size at which --target-latency is measured (default 1)")
+    p.add_argument("--min-speedup", type=str, help="gate: smallest measured speedup at every batch size (default 1.0; 'null' disables)")
+    p.add_argument("--tolerance", type=float, help="allowed |achieved - target| (default 0.01; latency: 5%% of the target)")
     p.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE", help="a method parameter (value parsed as JSON when it can be); repeatable")
     p.add_argument("--epochs", type=int, default=3, help="recovery epochs (default 3)")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -58,13 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="progressive pruning: reach the target in this many steps (default 1)")
     p.add_argument("--recovery", choices=["finetune", "scratch", "none"], default="finetune")
     p.add_argument("--scratch-epochs", choices=["E", "B"], default="E", help="Scratch-E or Scratch-B (epochs x MACs_full/MACs_pruned)")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of this")
+    p.add_argument("--round-to", type=int, help="keep channel counts a multiple of this (default: chosen per layer by timing it on onnxruntime)")
     p.add_argument("--opset", type=int, default=17, help="opset of the exported model (default 17)")
     p.add_argument("--max-accuracy-drop", type=float, help="gate: largest allowed top-1 drop in points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spec", type=Path, help="a JSON job spec; the flags above override its fields")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--latency-runs", type=int, default=30, help="timed onnxruntime runs per model and batch size (>= 20)")
+    p.add_argument("--ort-threads", type=int, help="onnxruntime intra-op threads for every latency measurement (default: all cores)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -94,14 +98,19 @@ def build_spec(args: argparse.Namespace):
         target = {"flops": args.target_flops}
     elif args.target_params is not None:
         target = {"params": args.target_params}
+    elif args.target_latency is not None:
+        target = {"latency": args.target_latency}
     elif args.target_layers is not None:
         try:
             target = {"layers": json.loads(args.target_layers)}
         except json.JSONDecodeError as exc:
             raise SystemExit(_fail(f"--target-layers is not JSON: {exc}")) from None
     if not target:
-        raise SystemExit(_fail("give a budget: --target-flops 0.5, --target-params 0.5 or --target-layers '{...}'"))
-    target["tolerance"] = args.tolerance
+        raise SystemExit(_fail("give a budget: --target-flops 0.5, --target-params 0.5, --target-latency 0.5 or --target-layers '{...}'"))
+    if args.tolerance is not None or "tolerance" not in target and "latency" not in target:
+        target["tolerance"] = args.tolerance if args.tolerance is not None else 0.01
+    if args.latency_batch is not None:
+        target["latency_batch"] = args.latency_batch
     body["target"] = target
     rec = dict(body.get("recovery", {}))
     rec.update(mode=args.recovery, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer, epochs_mode=args.scratch_epochs)
@@ -110,9 +119,18 @@ def build_spec(args: argparse.Namespace):
     body["recovery"] = rec
     if args.steps is not None:
         body["schedule"] = {**body.get("schedule", {}), "steps": args.steps}
-    body["export"] = {**body.get("export", {}), "opset": args.opset, "round_to": args.round_to}
+    body["export"] = {**body.get("export", {}), "opset": args.opset}
+    if args.round_to is not None:
+        body["export"]["round_to"] = args.round_to
+    body["gates"] = dict(body.get("gates", {}))
     if args.max_accuracy_drop is not None:
-        body["gates"] = {"max_accuracy_drop": args.max_accuracy_drop}
+        body["gates"]["max_accuracy_drop"] = args.max_accuracy_drop
+    if args.min_speedup is not None:
+        text = args.min_speedup.strip().lower()
+        try:
+            body["gates"]["min_speedup"] = None if text in ("null", "none", "off") else float(text)
+        except ValueError:
+            raise SystemExit(_fail(f"--min-speedup {args.min_speedup!r}: give a number such as 1.0, or null to disable the gate")) from None
     body["seed"] = args.seed
     if args.task:
         body["task"] = args.task
@@ -196,7 +214,7 @@ def print_table(report) -> None:
         if note.startswith("uneven cut:"):
             print(note)
     for g in report.gates:
-        print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}")
+        print(f"gate {g.name}: {g.value:.3f} vs limit {g.limit} -> {'pass' if g.passed else 'FAIL'}" + (f" ({g.message})" if g.message and not g.passed else ""))
 
 
 _terminated = False
@@ -247,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(
             spec, args.model, args.data, tmp, progress=bar, device=args.device,
-            latency_runs=args.latency_runs, eval_data_path=args.eval_data,
+            latency_runs=args.latency_runs, latency_threads=args.ort_threads, eval_data_path=args.eval_data,
         )
     except EngineError as exc:
         bar.close()

@@ -78,6 +78,11 @@ class PruneContext:
     device: torch.device
     seed: int
     progress: Callable[[float, str | None], None]
+    # Measured per-group steps and time-per-MAC (workers.engine.latency), None when
+    # export.round_to is given and the target is not latency; `latency_timer` times whole
+    # pruned networks against the original (latency targets).
+    latency: Any = None
+    latency_timer: Any = None
 
     @property
     def groups(self) -> list[graph.ChannelGroup]:
@@ -85,7 +90,9 @@ class PruneContext:
 
     @property
     def round_to(self) -> int:
-        return self.spec.export.round_to
+        # Methods that choose widths themselves (network_slimming's threshold, tas, pfs) get
+        # the explicit round_to or 1; the measured per-group steps apply in prune_to_budget.
+        return self.spec.export.round_to or 1
 
     @property
     def teacher(self) -> nn.Module:
@@ -124,12 +131,24 @@ class PruneContext:
         target = self.spec.target
         groups = [g for g in self.groups if g.name in scores]
         if target.layers is not None:
-            plan = budget.explicit_plan(groups, scores, target.layers, self.round_to)
+            # Explicit ratios are taken as given: rounded only to an explicit round_to.
+            plan = budget.explicit_plan(groups, scores, target.layers, self.spec.export.round_to or 1)
             pruned = budget.apply_plan(model, self.example, plan)
             return pruned, plan, {"allocation": "layers", "evaluations": 1}
         if max_layer_ratio is None:
             max_layer_ratio = self.spec.export.max_layer_cut
-        chunks = budget.removal_order(groups, scores, allocation, self.round_to, max_layer_ratio)
+        lat = self.latency
+        chunks = budget.removal_order(
+            groups, scores, allocation, self.round_to, max_layer_ratio, **(lat.order_options() if lat else {})
+        )
+        if target.kind == "latency":
+            from workers.engine.latency import search_latency
+
+            pruned, plan, details = search_latency(
+                model, self.example, chunks, float(target.latency), target.latency_batch,  # type: ignore[arg-type]
+                self.latency_timer, progress=lambda f: self.progress(f, None),
+            )
+            return pruned, plan, {"allocation": allocation, **details}
         result = budget.search(
             model,
             self.example,
@@ -140,6 +159,15 @@ class PruneContext:
             progress=lambda f: self.progress(f, None),
             tolerance=target.tolerance,
         )
+        if lat is not None and lat.mode == "measured" and abs(result.kept - float(target.fraction)) > target.tolerance:
+            # Measured steps are too coarse to land within the tolerance: search again with
+            # steps of 1 (the widths then follow the budget, not the kernels).
+            lat.mode = "fine"
+            chunks = budget.removal_order(groups, scores, allocation, 1, max_layer_ratio, **lat.order_options())
+            result = budget.search(
+                model, self.example, chunks, target.kind, float(target.fraction),  # type: ignore[arg-type]
+                self.base_costs, progress=lambda f: self.progress(f, None), tolerance=target.tolerance,
+            )
         return result.model, result.plan, {
             "allocation": allocation,
             "evaluations": result.evaluations,

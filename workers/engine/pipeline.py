@@ -30,6 +30,7 @@ from workers import checks, datasets
 from workers.engine import analysis as analysis_mod
 from workers.engine import export as export_mod
 from workers.engine import graph, heads, inputs, load, progressive, recovery, torch_export, train
+from workers.engine import latency as latency_mod
 from workers.engine.budget import BudgetUnreachable
 from workers.engine.flops import onnx_costs, torch_costs
 from workers.engine.method import MethodResult, PruneContext
@@ -96,6 +97,17 @@ def _dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
             dims[0].ClearField("dim_value")
             dims[0].dim_param = "batch"
     return m
+
+
+def _timing_baseline(loaded, x32: np.ndarray, opset: int) -> bytes:
+    """The original as verify times it (dynamic batch), built before pruning for latency search."""
+    base = _dynamic_batch(loaded.onnx_model).SerializeToString()
+    try:
+        load.ort_session(base).run(None, {loaded.input_name: x32})
+        return base
+    except Exception:
+        return export_mod.export_onnx(loaded.module, torch.from_numpy(x32[:1]), opset,
+                                      input_name=loaded.input_name).SerializeToString()
 
 
 def _width(module: torch.nn.Module | None) -> int:
@@ -235,7 +247,18 @@ def run(
         analysis=analysis, base_costs=base_costs, device=dev, seed=spec.seed,
         progress=lambda f, m: report_progress("prune", f, m),
     )
+    latency_mod.attach(
+        ctx, _timing_baseline(loaded, data.x_test[:32].numpy(), spec.export.opset), loaded.input_name,
+        data.x_test[:32].numpy(), latency_threads, lambda f, m: report_progress("prune", f, m),
+    )
     result: MethodResult = progressive.run(method, ctx, info.name)
+    speed_checks: dict = {}
+    if ctx.latency is not None and not result.dynamic and spec.target.kind != "layers":
+        result, speed_checks = latency_mod.ensure_faster(
+            ctx.latency, ctx.latency_timer, lambda: method.run(ctx), result, lambda r: r.model.cpu().eval(),
+            LATENCY_BATCHES, notes, lambda f, m: report_progress("prune", f, m),
+            meets_target=lambda r: latency_mod.meets_budget(spec.target, torch_costs(r.model.cpu().eval(), example), base_costs),
+        )
     pruned = result.model.cpu().eval()
     notes.extend(result.notes)
     pruned_costs = torch_costs(pruned, example)
@@ -317,23 +340,38 @@ def run(
             measured_with=f"onnxruntime on the exported ONNX, {evaluation['dataset']}",
         )
     latencies: list[LatencyResult] = []
-    for i, bs in enumerate(LATENCY_BATCHES):
-        report_progress("verify", 0.6 + 0.35 * i / len(LATENCY_BATCHES), f"latency at batch {bs}")
+    batches = sorted({*LATENCY_BATCHES, spec.target.latency_batch if spec.target.kind == "latency" else 1})
+    for i, bs in enumerate(batches):
+        report_progress("verify", 0.6 + 0.35 * i / len(batches), f"latency at batch {bs}")
         before, after = export_mod.interleaved_latency(
             base_bytes, pruned_bytes, loaded.input_name, loaded.input_name, x_test[:bs], bs,
             runs=latency_runs, threads=latency_threads,
         )
+        before, after = latency_mod.confirm_if_slow(
+            spec, before, after, notes, lambda r, bs=bs: export_mod.interleaved_latency(
+                base_bytes, pruned_bytes, loaded.input_name, loaded.input_name, x_test[:bs], bs,
+                runs=r, threads=latency_threads,
+            ),
+        )
         latencies.append(LatencyResult(
             batch_size=bs, before=round(before.median_ms, 4), after=round(after.median_ms, 4),
             speedup=round(before.median_ms / after.median_ms, 3) if after.median_ms else float("nan"),
-            runs=latency_runs, p90_before=round(before.p90_ms, 4), p90_after=round(after.p90_ms, 4),
+            runs=before.runs, p90_before=round(before.p90_ms, 4), p90_after=round(after.p90_ms, 4),
         ))
 
     # ---------------------------------------------------------------- report
     begin("report")
     target = spec.target
+    measured_on = "exported ONNX graphs"
     if target.kind == "params":
         achieved = cost_after.params / cost_before.params
+    elif target.kind == "latency":
+        lat_b = next(lat for lat in latencies if lat.batch_size == target.latency_batch)
+        achieved = lat_b.after / lat_b.before
+        measured_on = (
+            f"onnxruntime CPU latency of the exported ONNX at batch {lat_b.batch_size}, median of {lat_b.runs} "
+            "runs interleaved with the original, measured in verify independently of the search"
+        )
     elif result.dynamic and measured.get("dynamic", {}).get("macs_mean") is not None:
         achieved = float(measured["dynamic"]["macs_mean"]) / cost_before.macs
         notes.append("dynamic model: the achieved MACs are the measured mean over the evaluation set; "
@@ -344,7 +382,7 @@ def run(
     met = requested is None or abs(achieved - requested) <= target.tolerance
     if not met:
         notes.append(
-            f"achieved {achieved:.4f} of the original {'parameters' if target.kind == 'params' else 'MACs'} "
+            f"achieved {achieved:.4f} of the original {latency_mod.metric_words(target.kind)} "
             f"versus {requested} requested: the nearest reachable width (round_to={spec.export.round_to}) is outside the tolerance"
         )
     after_costs = torch_costs(pruned, example)
@@ -357,6 +395,11 @@ def run(
         )
     layers = _layer_rows(loaded.module, pruned, base_costs.per_layer, after_costs.per_layer)
     layers.extend(heads.report_rows(loaded.module, pruned))
+    how = latency_mod.annotate_layers(
+        layers, loaded.module, pruned, example, ctx.latency.timer if ctx.latency else None, latency_threads
+    )
+    if how:
+        notes.append(how)
     gates: list[GateResult] = []
     if requested is not None and not spec.gates.allow_target_miss:
         # A missed budget is a failed job, not a quiet success (gates.allow_target_miss opts out).
@@ -369,17 +412,22 @@ def run(
             name="max_accuracy_drop", limit=spec.gates.max_accuracy_drop, value=accuracy.drop,
             passed=accuracy.drop <= spec.gates.max_accuracy_drop,
         ))
+    speed_gate = latency_mod.min_speedup_gate(spec, latencies)
+    if speed_gate is not None:
+        gates.append(speed_gate)
     timings[state["stage"]] = round(timings.get(state["stage"], 0.0) + time.perf_counter() - state["t0"], 3)
     details = dict(result.details)
     details.update({k: v for k, v in measured.items() if k not in ("robustness", "dynamic")})
     details["recovery_loss_per_epoch"] = [round(v, 5) for v in curve]
+    if ctx.latency is not None or speed_checks:
+        details["latency_widths"] = {**(ctx.latency.summary() if ctx.latency else {}), **speed_checks}
     report = Report(
         task=spec.task,
         method={"name": info.name, "params": params.model_dump(mode="json"), "paper": info.paper},
         recovery={**rec.model_dump(mode="json"), "mode_used": mode, "epochs_used": epochs if mode != "none" else 0, "distill_used": kd},
         target=TargetResult(
             kind=target.kind, requested=requested, achieved=round(achieved, 6),
-            tolerance=target.tolerance, met=met,
+            tolerance=target.tolerance, met=met, measured_on=measured_on,
         ),
         macs=BeforeAfter(before=cost_before.macs, after=cost_after.macs),
         params=BeforeAfter(before=cost_before.params, after=cost_after.params),

@@ -164,8 +164,10 @@ class Flop:
     def target_sparsity(self, ctx: PruneContext, layers: list[_Layer]) -> float:
         """t = 1 - (size left for the factorised layers) / (their dense size)."""
         target = ctx.spec.target
-        if target.fraction is None:
-            raise BudgetUnreachable("flop needs a flops or params target (target.layers is for channel pruning)")
+        if target.fraction is None or target.kind == "latency":
+            raise BudgetUnreachable(
+                "flop needs a flops or params target (target.layers and target.latency are for channel pruning)"
+            )
         total = ctx.base_costs.macs if target.kind == "flops" else ctx.base_costs.params
         dense = sum(layer.dense_size for layer in layers)
         other = total - dense

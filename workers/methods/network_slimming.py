@@ -142,6 +142,8 @@ def prune_at_global_threshold(ctx: PruneContext, model: nn.Module, scores: dict[
     groups = [g for g in ctx.groups if g.name in scores]
     if target.layers is not None:  # explicit per-layer ratios: no threshold to choose
         return ctx.prune_to_budget(scores, "uniform", model=model)
+    if target.kind == "latency":  # one global ranking, spent against measured latency
+        return ctx.prune_to_budget(scores, "global", model=model)
     chunks = threshold_chunks(groups, scores, ctx.round_to)
     result = budget.search(
         model, ctx.example, chunks, target.kind, float(target.fraction), ctx.base_costs,

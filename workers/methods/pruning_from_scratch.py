@@ -224,7 +224,7 @@ class PruningFromScratch:
         target = ctx.spec.target
         channels = {g.name: g.channels for g in ctx.groups}
         details: dict = {}
-        if target.layers is not None:
+        if target.layers is not None or target.kind == "latency":  # latency: measured, not counted
             pruned, plan, details = ctx.prune_to_budget(gates, "global")
             widths = {g.name: g.channels - len(plan.get(g.name, [])) for g in ctx.groups}
         else:

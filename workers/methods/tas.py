@@ -216,7 +216,7 @@ class TAS:
         scores = {n: -torch.argsort(order[n]).double() for n in order}
         notes: list[str] = []
         details: dict = {}
-        if target.layers is not None:
+        if target.layers is not None or target.kind == "latency":  # latency: measured, not counted
             pruned, plan, details = ctx.prune_to_budget(scores, model=net)
             final = {g.name: g.channels - len(plan.get(g.name, [])) for g in ctx.groups}
         else:

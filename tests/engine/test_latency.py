@@ -1,0 +1,158 @@
+"""Latency-first pruning: measured widths, latency targets, the min_speedup gate.
+
+Mechanism tests, not timed tests: they assert that the latency search and an independent
+measurement of the exported model agree (generous bounds on a shared machine), that the
+per-shape timing cache is reused, and that the gate and the spec say what they should.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from prunery.report import LatencyResult
+from prunery.spec import JobSpec, Target
+from workers.engine import latency, run
+from workers.engine.graph import ChannelGroup, GroupMember
+from workers.engine.local import build_parser, build_spec
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
+        nn.Conv2d(96, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_job(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("latency")
+    buf = io.BytesIO()
+    torch.onnx.export(_cnn(), (torch.randn(2, 3, 16, 16),), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    model = root / "cnn.onnx"
+    model.write_bytes(buf.getvalue())
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.standard_normal((128, 3, 16, 16)).astype(np.float32), "y_train": rng.integers(0, 10, 128),
+        "x_test": rng.standard_normal((64, 3, 16, 16)).astype(np.float32), "y_test": rng.integers(0, 10, 64),
+    }
+    data = root / "data.npz"
+    np.savez(data, **arrays)
+    return model, data
+
+
+def test_latency_target_search_agrees_with_independent_measurement(cnn_job, tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNERY_LATENCY_CACHE", str(tmp_path / "latency.json"))
+    model, data = cnn_job
+    spec = JobSpec(
+        method={"name": "l1_norm"}, target={"latency": 0.5, "latency_batch": 32},
+        recovery={"mode": "none"}, gates={"min_speedup": None},
+    )
+    report = run(spec, model, data, tmp_path / "out", latency_runs=20, latency_threads=1)
+    searched = report.method_details["kept_latency_search"]
+    achieved = report.target.achieved
+    assert report.target.kind == "latency" and "independently" in report.target.measured_on
+    # The search's measurement and verify's fresh one agree, and both are near the request.
+    assert abs(searched - achieved) < 0.15, (searched, achieved)
+    assert 0.3 < achieved < 0.75, achieved
+    assert report.macs.ratio < 0.9  # the latency was bought by removing channels
+    lat32 = next(lat for lat in report.latency_ms if lat.batch_size == 32)
+    assert achieved == pytest.approx(lat32.after / lat32.before, rel=1e-3)
+    # Default widths are measured per group and recorded; per-layer latency is reported.
+    widths = report.method_details["latency_widths"]
+    assert widths["batch"] == 32 and widths["per_group"]
+    assert any(row.latency_before_us is not None and row.latency_after_us is not None for row in report.layers)
+    assert json.loads((tmp_path / "latency.json").read_text())  # the timing cache was written
+
+
+def test_measured_steps_are_cached_per_shape(tmp_path):
+    cache = tmp_path / "ops.json"
+    model = _cnn()
+    example = torch.randn(1, 3, 16, 16)
+    groups = [
+        ChannelGroup("0", 64, [GroupMember("0", "Conv2d", "out"), GroupMember("3", "Conv2d", "in")]),
+        ChannelGroup("3", 96, [GroupMember("3", "Conv2d", "out"), GroupMember("6", "Conv2d", "in")]),
+    ]
+    first = latency.profile(model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache))
+    assert first.ops_timed > 0
+    for name, g in first.groups.items():
+        assert g.step in (1, 8, 16), name
+        assert set(g.times_us) >= {g.channels} and all(t > 0 for t in g.times_us.values())
+        assert 0.5 <= g.weight <= 2.0
+    second = latency.profile(model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache))
+    assert second.ops_timed == 0 and second.ops_cached == first.ops_timed + first.ops_cached
+    assert {n: g.step for n, g in second.groups.items()} == {n: g.step for n, g in first.groups.items()}
+    # A step of S means widths that are multiples of S after the first chunk.
+    from workers.engine.budget import removal_order
+
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float64) for g in groups}
+    chunks = removal_order(groups, scores, "uniform", steps={"0": 16, "3": 8})
+    assert {len(c.idxs) for c in chunks if c.group == "0"} == {16}
+    assert {len(c.idxs) for c in chunks if c.group == "3"} == {8}
+    assert not removal_order(groups, scores, "uniform", weights={"0": 0.0, "3": 0.0})
+
+
+def test_layer_signatures_match_the_modules():
+    sigs = latency.layer_sigs(_cnn(), torch.randn(1, 3, 16, 16))
+    assert sigs["0"].cin == 3 and sigs["0"].cout == 64 and sigs["0"].spatial == (16, 16)
+    assert sigs["11"].kind == "matmul" and (sigs["11"].cin, sigs["11"].cout) == (64, 10)
+    assert sigs["3"].macs() == 16 * 16 * 96 * 64 * 9
+    dw = latency.OpSig("conv", 32, 32, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 32)
+    assert dw.resized(24, 24).groups == 24
+
+
+def _lat(bs: int, before: float, after: float) -> LatencyResult:
+    return LatencyResult(batch_size=bs, before=before, after=after, speedup=before / after, runs=20,
+                         p90_before=before, p90_after=after)
+
+
+def test_min_speedup_gate():
+    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
+    assert spec.gates.min_speedup == 1.0
+    ok = latency.min_speedup_gate(spec, [_lat(1, 1.0, 0.6), _lat(32, 10.0, 9.0)])
+    assert ok.passed and ok.value == pytest.approx(10 / 9)
+    slow = latency.min_speedup_gate(spec, [_lat(1, 1.0, 0.6), _lat(32, 10.0, 12.0)])
+    assert not slow.passed and "batch 32" in slow.message and "min_speedup = null" in slow.message
+    off = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, gates={"min_speedup": None})
+    assert latency.min_speedup_gate(off, [_lat(1, 1.0, 2.0)]) is None
+
+
+def test_spec_and_cli_latency_target():
+    t = Target(latency=0.5)
+    assert t.kind == "latency" and t.fraction == 0.5 and t.tolerance == pytest.approx(0.025) and t.latency_batch == 1
+    assert Target(latency=0.5, tolerance=0.01).tolerance == 0.01
+    with pytest.raises(ValidationError, match="exactly one"):
+        Target(latency=0.5, flops=0.5)
+    args = build_parser().parse_args(
+        ["m.onnx", "--data", "d.npz", "--out", "o", "--target-latency", "0.4", "--latency-batch", "32", "--min-speedup", "null"]
+    )
+    spec = build_spec(args)
+    assert spec.target.latency == 0.4 and spec.target.latency_batch == 32 and spec.target.tolerance == pytest.approx(0.02)
+    assert spec.gates.min_speedup is None and spec.export.round_to is None
+    args = build_parser().parse_args(["m.onnx", "--data", "d.npz", "--out", "o", "--target-flops", "0.5", "--round-to", "8"])
+    spec = build_spec(args)
+    assert spec.export.round_to == 8 and spec.gates.min_speedup == 1.0 and spec.target.tolerance == 0.01
+
+
+def test_submit_cli_latency_flags():
+    from prunery import remote_cli
+
+    args = remote_cli._parser().parse_args([
+        "submit", "m.onnx", "--data", "d.npz", "--method", "l1_norm", "--target-latency", "0.5",
+        "--latency-batch", "32", "--min-speedup", "null", "--round-to", "8",
+    ])
+    assert remote_cli._target(args) == {"latency": 0.5, "latency_batch": 32}
+    assert remote_cli._min_speedup(args.min_speedup) is None and remote_cli._min_speedup("1.2") == 1.2
+    with pytest.raises(ValueError, match="give a number"):
+        remote_cli._min_speedup("fast")
