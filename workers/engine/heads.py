@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from workers.engine.reshapes import StaticReshape
+from workers.engine.reshapes import StaticReshape, _Recorder
 
 SUFFIX = "#heads"
 _LAYOUT = {
@@ -71,17 +71,6 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def _is_const(node: object) -> bool:
     return not isinstance(node, fx.Node) or node.op == "get_attr"
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, object] = {}
-
-    def run_node(self, n: fx.Node):  # type: ignore[override]
-        out = super().run_node(n)
-        self.values[n] = out
-        return out
 
 
 def _walk_back(gm: fx.GraphModule, node: fx.Node, values) -> tuple[str, list[fx.Node]] | None:
