@@ -52,7 +52,7 @@ class Analysis(BaseModel):
     input_shape: list[int] = Field(description="the sample shape the analysis ran with (batch first)")
     macs: int = Field(description="MACs per sample of the model")
     params: int
-    round_to: int
+    round_to: int | None = None  # None: widths are measured per layer at prune time
     groups: list[PrunableGroup]
     excluded: list[ExcludedGroup]
     prunable_macs_share: float = Field(description="share of MACs in layers some prunable group touches")
@@ -77,7 +77,7 @@ def render_text(a: Analysis, max_rows: int = 60) -> str:
         f"prunable groups: {len(a.groups)}  excluded: {len(a.excluded)}  "
         f"MACs in prunable layers: {a.prunable_macs_share:.1%}",
         f"smallest reachable: {a.min_macs_fraction:.3f} of the MACs, {a.min_params_fraction:.3f} of the "
-        f"parameters (every group at its minimum width, round_to={a.round_to})",
+        f"parameters (every group at its minimum width, round_to={a.round_to or 1})",
         "",
     ]
     rows = [("group", "channels", "min", "MACs share", "params share", "layers")]

@@ -165,6 +165,14 @@ class Gates(_Strict):
         description="Smallest allowed measured speedup (original / pruned median latency, onnxruntime) "
         "at every reported batch size, allowing 3% measurement noise; null disables the gate.",
     )
+    min_speedup_floor_ms: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=60_000.0,
+        description="min_speedup applies at the batch sizes where the original's median latency is at "
+        "least this many milliseconds; below it per-op dispatch and timer noise decide the ratio "
+        "(the report says which batch sizes were judged). 0 judges every batch size.",
+    )
 
 
 class DataSpec(_Strict):

@@ -156,3 +156,18 @@ def test_submit_cli_latency_flags():
     assert remote_cli._min_speedup(args.min_speedup) is None and remote_cli._min_speedup("1.2") == 1.2
     with pytest.raises(ValueError, match="give a number"):
         remote_cli._min_speedup("fast")
+
+
+def test_min_speedup_is_judged_only_above_the_latency_floor():
+    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
+    assert spec.gates.min_speedup_floor_ms == 1.0
+    notes: list[str] = []
+    # 0.03 ms at batch 1 is per-op dispatch: not judged; batch 32 at 5 ms is, and fails.
+    gate = latency.min_speedup_gate(spec, [_lat(1, 0.03, 0.05), _lat(32, 5.0, 6.0)], notes)
+    assert not gate.passed and "batch 32" in gate.message
+    assert notes and "not judged at batch 1 (0.030 ms)" in notes[0]
+    notes.clear()
+    assert latency.min_speedup_gate(spec, [_lat(1, 0.03, 0.05), _lat(32, 0.5, 0.9)], notes) is None
+    assert "batch 1 (0.030 ms), 32 (0.500 ms)" in notes[0]
+    every = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, gates={"min_speedup_floor_ms": 0})
+    assert not latency.min_speedup_gate(every, [_lat(1, 0.03, 0.05)]).passed

@@ -59,7 +59,7 @@ def summarize(
     analysis: graph.Analysis,
     summary: checks.ModelSummary,
     task: str,
-    round_to: int = 1,
+    round_to: int | None = 1,
     notes: list[str] | None = None,
 ) -> Analysis:
     """The public analysis of a converted model and its `graph.analyse` result."""
@@ -71,7 +71,7 @@ def summarize(
     plan: dict[str, list[int]] = {}
     touched: set[str] = set()
     for g in analysis.groups:
-        removable = [i for chunk in _chunks_for_group(g, list(range(g.channels)), max(1, round_to), MAX_LAYER_RATIO) for i in chunk]
+        removable = [i for chunk in _chunks_for_group(g, list(range(g.channels)), max(1, round_to or 1), MAX_LAYER_RATIO) for i in chunk]
         if removable:
             plan[g.name] = removable
         names = {m.name for m in g.members}

@@ -139,7 +139,7 @@ class PruneContext:
             max_layer_ratio = self.spec.export.max_layer_cut
         lat = self.latency
         chunks = budget.removal_order(
-            groups, scores, allocation, self.round_to, max_layer_ratio, **(lat.order_options() if lat else {})
+            groups, scores, allocation, self.round_to, max_layer_ratio, **(lat.order_options(weighted=target.kind == "latency") if lat else {})
         )
         if target.kind == "latency":
             from workers.engine.latency import search_latency

@@ -412,7 +412,7 @@ def run(
             name="max_accuracy_drop", limit=spec.gates.max_accuracy_drop, value=accuracy.drop,
             passed=accuracy.drop <= spec.gates.max_accuracy_drop,
         ))
-    speed_gate = latency_mod.min_speedup_gate(spec, latencies)
+    speed_gate = latency_mod.min_speedup_gate(spec, latencies, notes)
     if speed_gate is not None:
         gates.append(speed_gate)
     timings[state["stage"]] = round(timings.get(state["stage"], 0.0) + time.perf_counter() - state["t0"], 3)
