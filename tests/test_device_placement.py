@@ -14,6 +14,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_FACTORIES = {
+    f"torch.{name}"
+    for name in ("zeros", "ones", "full", "empty", "rand", "randn", "randint", "randperm", "arange",
+                 "linspace", "logspace", "eye", "tensor", "as_tensor", "normal")
+}
+
+
 def _is_module_class(node: ast.ClassDef) -> bool:
     names = {ast.unparse(b) for b in node.bases}
     return bool(names & {"nn.Module", "torch.nn.Module", "Module", "nn.ModuleDict", "nn.Sequential"})
@@ -30,7 +37,7 @@ def free_parameters_without_device(path: Path) -> list[str]:
                 arg = child.args[0] if child.args else None
                 # A fresh tensor from a torch factory (torch.ones(...)) lands on the CPU unless
                 # told otherwise; one derived from an existing tensor (w.clone()) keeps its device.
-                fresh = isinstance(arg, ast.Call) and ast.unparse(arg.func).startswith("torch.")
+                fresh = isinstance(arg, ast.Call) and ast.unparse(arg.func) in _FACTORIES
                 if fresh and not any(k.arg == "device" for k in arg.keywords):
                     found.append(f"{path.relative_to(ROOT)}:{child.lineno}: {ast.unparse(child)[:90]}")
             visit(child, inside)

@@ -41,7 +41,9 @@ def images(tmp_path_factory) -> Path:
 def test_prunes_to_half_the_macs(name, dynamo, images, tmp_path):
     torch.set_num_threads(2)
     path = cnnkit.export(cnnkit.reduced(name), tmp_path / f"{name}.onnx", SIZE, dynamo)
-    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"})
+    # Coverage of structures, not speed (random-init reduced models; benchmarks/coverage.py
+    # measures speedups): the min_speedup gate is off here.
+    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"}, gates={"min_speedup": None})
     report = run(spec, path, images, tmp_path / "out", latency_runs=20)
     assert abs(report.target.achieved - 0.5) <= 0.01 and report.target.met
     assert report.gates_passed and [g.name for g in report.gates] == ["target"]

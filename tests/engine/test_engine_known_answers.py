@@ -71,18 +71,19 @@ def test_zero_l1_filter_is_removed_first(tmp_path, digits_npz):
 
 
 class ConstantReshape(nn.Module):
-    """conv1's channel count is baked into a constant Reshape; conv2's is not."""
+    """conv3's channel count is baked into a constant Reshape that regroups channels (16 x 64
+    -> 8 x 128, so no dimension passes through); conv2's is not."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.conv3 = nn.Conv2d(32, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 10)
+        self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
         x = torch.relu(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x))))))
-        x = x.reshape(-1, 16, 64).mean(-1)  # exported as Reshape with constant [-1, 16, 64]
+        x = x.reshape(-1, 8, 128).mean(-1)  # exported as Reshape with constant [-1, 8, 128]
         return self.fc(x)
 
 

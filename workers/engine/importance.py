@@ -55,6 +55,12 @@ class LayerNormalisedMagnitude(tp.importance.GroupMagnitudeImportance):
         return super().__call__(items)
 
 
+def _row_l1(module: nn.Module) -> torch.Tensor | None:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return module.weight.detach().abs().flatten(1).sum(1)
+    return None
+
+
 def magnitude(
     model: nn.Module,
     dg: tp.DependencyGraph,
@@ -64,9 +70,14 @@ def magnitude(
     inputs: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Group L1 importance of every group, in its root's channel order (float64, CPU)."""
+    from workers.engine import heads
+
     scorer = LayerNormalisedMagnitude(p=1, layer_normalizer=normalizer, group_reduction=group_reduction, inputs=inputs)
     out: dict[str, torch.Tensor] = {}
     for g in groups:
+        if heads.is_head_group(g.name):  # whole attention heads: the L1 of their q, k, v rows
+            out[g.name] = heads.head_scores(model, g.name, _row_l1).double().cpu()
+            continue
         group = graph.full_group(model, dg, g.name)
         score = scorer(group)
         if score is None or len(score) != g.channels:

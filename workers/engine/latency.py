@@ -485,6 +485,19 @@ class NetworkTimer:
         pruned = self.export(module)
         return {b: 1.0 / self.ratio(pruned, b) for b in batches}
 
+    def base_ms(self, batch: int) -> float:
+        """Median latency of the original at `batch` (ms)."""
+        sess = session(self.base, self.threads)
+        feed = {self.input_name: batch_of(self.sample, batch)}
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(self.runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return 1000.0 * float(statistics.median(times))
+
 
 def search_latency(
     model: nn.Module, example: torch.Tensor, chunks: Sequence[Any], target: float, batch: int,
@@ -548,10 +561,16 @@ def ensure_faster(
     lat: LatencyProfile, timer: NetworkTimer, rerun: Callable[[], Any], first: Any, module_of: Callable[[Any], nn.Module],
     batches: Sequence[int], notes: list[str], progress: Callable[[float, str | None], None] | None = None,
     meets_target: Callable[[Any], bool] = lambda _r: True,
+    floor_ms: float = 0.0,
 ) -> tuple[Any, dict[str, Any]]:
-    """Time the method's pruned model against the original at every reported batch size; if
-    it is slower, re-run the method's allocation with coarser widths, then with fewer cut
-    groups, and keep the fastest that still meets the budget. Returns (result, details)."""
+    """Time the method's pruned model against the original at every reported batch size where
+    the original runs at least `floor_ms` (below it dispatch and timer noise decide the ratio,
+    as for the min_speedup gate); if it is slower, re-run the method's allocation with coarser
+    widths, then with fewer cut groups, and keep the fastest that still meets the budget.
+    Returns (result, details)."""
+    batches = [b for b in batches if timer.base_ms(b) >= floor_ms]
+    if not batches:
+        return first, {"checks": [], "not_judged": f"the original runs under {floor_ms:g} ms at every batch size"}
     measured = timer.speedups(module_of(first), batches)
     history = [{"widths": lat.mode, "speedup": {str(b): round(s, 3) for b, s in measured.items()}}]
     best, best_speed, best_cfg = first, measured, (lat.mode, set(lat.skip))

@@ -258,6 +258,7 @@ def run(
             ctx.latency, ctx.latency_timer, lambda: method.run(ctx), result, lambda r: r.model.cpu().eval(),
             LATENCY_BATCHES, notes, lambda f, m: report_progress("prune", f, m),
             meets_target=lambda r: latency_mod.meets_budget(spec.target, torch_costs(r.model.cpu().eval(), example), base_costs),
+            floor_ms=spec.gates.min_speedup_floor_ms,
         )
     pruned = result.model.cpu().eval()
     notes.extend(result.notes)

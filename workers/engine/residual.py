@@ -115,6 +115,9 @@ def lift_embeddings(gm: fx.GraphModule) -> list[str]:
         gm.graph.lint()
         gm.recompile()
         gm.delete_all_unused_submodules()
+        from workers.engine.graph import _drop_unused_constants
+
+        _drop_unused_constants(gm)  # the table now lives in the Embedding: count it once
     return lifted
 
 
