@@ -5,7 +5,7 @@
   outside any transaction, record the attempt and the next retry time.
 * `analyze_model(analysis_id)` (the job queue): load + analyse one uploaded model and store
   the `prunery.analysis.Analysis` on its row.
-* `store_partial_artifacts()`: what a failed run still publishes (the analysis of a
+* `PARTIAL_ARTIFACTS`: what a failed run still publishes (`workers.tasks.store_outputs`; the analysis of a
   `budget_unreachable` job, so its excluded layers can be read).
 
 Torch is imported only inside `analyze_model` (via the engine).
@@ -13,7 +13,6 @@ Torch is imported only inside `analyze_model` (via the engine).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,6 @@ from sqlalchemy import or_, select
 from app.db import transaction
 from app.extra_models import ModelAnalysis, WebhookDelivery
 from app.models import DatasetFile, ModelFile, utcnow
-from app.storage import job_prefix
 from app.webhooks import attempt_delivery, finish_attempt, get_webhook_settings, tenant_secret
 from workers.celery_app import ANALYZE, DELIVER_WEBHOOKS
 from workers.celery_app import app as celery_app
@@ -136,25 +134,3 @@ def run_analysis(rt: Any, analysis_id: str) -> str:
 @celery_app.task(name=ANALYZE)
 def analyze_model(analysis_id: str) -> str:
     return run_analysis(_runtime(), analysis_id)
-
-
-def store_partial_artifacts(rt: Any, tenant_id: str, job_id: str, out_dir: Path) -> dict[str, Any]:
-    """Upload what a failed run left that is worth reading; {} when nothing."""
-    artifacts: dict[str, Any] = {}
-    for name in PARTIAL_ARTIFACTS:
-        path = Path(out_dir) / name
-        if not path.is_file():
-            continue
-        try:
-            key = f"{job_prefix(tenant_id, job_id)}/{name}"
-            entry = {
-                "key": key,
-                "size": path.stat().st_size,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            }
-            rt.storage.put_file(path, key)  # the local store moves the file
-            artifacts[name] = entry
-        except Exception:  # best effort: the job's failure is what matters
-            log.exception("job %s: could not store %s", job_id, name)
-    return artifacts
-

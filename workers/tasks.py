@@ -427,7 +427,7 @@ def execute(rt: Runtime, job_id: str) -> str:
                 )
                 return "cancelled"
             except EngineError as exc:
-                from workers.side_tasks import store_partial_artifacts
+                from workers.side_tasks import PARTIAL_ARTIFACTS
 
                 _finish(
                     rt,
@@ -437,7 +437,10 @@ def execute(rt: Runtime, job_id: str) -> str:
                     error_code=exc.code,
                     error_detail=exc.message,
                     # e.g. budget_unreachable: the analysis (excluded layers, reasons) stays readable
-                    artifacts=store_partial_artifacts(rt, d["tenant_id"], job_id, workdir / "out")
+                    artifacts=store_outputs(
+                        rt, job_prefix(d["tenant_id"], job_id), workdir / "out",
+                        only=PARTIAL_ARTIFACTS, best_effort=True,
+                    )
                     or None,
                     event_message=f"{exc.code}: {exc.message}",
                 )
@@ -512,17 +515,30 @@ def execute(rt: Runtime, job_id: str) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def store_outputs(rt: Runtime, prefix: str, out_dir: Path) -> dict[str, dict[str, Any]]:
+def store_outputs(
+    rt: Runtime, prefix: str, out_dir: Path, only: tuple[str, ...] | None = None, best_effort: bool = False
+) -> dict[str, dict[str, Any]]:
     """Store every file the engine wrote to its output directory, under the same name
     `prunery prune` gives it (model.onnx, report.json, report.md, and whatever a method adds,
-    e.g. search_curves.png): one code path for the CLI and the service."""
+    e.g. search_curves.png): one code path for the CLI and the service. A failed run stores
+    `only` what is worth reading (its analysis), `best_effort`: the failure is what matters."""
     artifacts: dict[str, dict[str, Any]] = {}
+    if not out_dir.is_dir():
+        return artifacts
     for path in sorted(out_dir.iterdir()):
+        if only is not None and path.name not in only:
+            continue
         if not path.is_file() or path.is_symlink() or not ARTIFACT_NAME.fullmatch(path.name):
             log.warning("not storing %s: artifacts are plain files with simple names", path.name)
             continue
-        entry = {"key": f"{prefix}/{path.name}", "size": path.stat().st_size, "sha256": _sha256(path)}
-        rt.storage.put_file(path, entry["key"])  # may move the file: measure it first
+        try:
+            entry = {"key": f"{prefix}/{path.name}", "size": path.stat().st_size, "sha256": _sha256(path)}
+            rt.storage.put_file(path, entry["key"])  # may move the file: measure it first
+        except Exception:
+            if not best_effort:
+                raise
+            log.exception("could not store %s", path.name)
+            continue
         artifacts[path.name] = entry
     return artifacts
 
