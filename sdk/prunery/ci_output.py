@@ -2,8 +2,10 @@
 
 * `--junit FILE`: JUnit XML, one test case for the job itself, one for the budget target and
   one per gate (e.g. `max_accuracy_drop`), so CI systems (GitHub, GitLab, Jenkins) show a
-  missed gate as a failed test with the measured value and the limit.
-* `--summary FILE`: a Markdown summary (the summary table, gates, per-layer table, excluded
+  missed gate as a failed test with the measured value and the limit. A budget sweep adds one
+  test case per point (`sweep point flops-0.5`): its MACs/parameters/top-1/speedups in
+  system-out, failed (naming the missed gates) when the point did not pass its gates.
+* `--summary FILE`: a Markdown summary (the summary table, a sweep's table, gates, per-layer table, excluded
   layers, notes); also appended to `$GITHUB_STEP_SUMMARY` when that is set, so it appears on
   the GitHub Actions run page.
 """
@@ -15,11 +17,26 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from prunery.report import Report, _fmt_int, summary_rows
+from prunery.report import SWEEP_LEGEND, Report, SweepPoint, _fmt_int, summary_rows, sweep_rows
 
 
 def _case(suite: ET.Element, name: str, seconds: float = 0.0) -> ET.Element:
     return ET.SubElement(suite, "testcase", classname="prunery", name=name, time=f"{seconds:.3f}")
+
+
+def _sweep_point_text(p: SweepPoint) -> str:
+    parts = [
+        f"{p.label}: MACs x{p.macs_ratio:.3f}",
+        f"params x{p.params_ratio:.3f}",
+    ]
+    if p.target.kind == "latency":
+        parts.append(f"latency kept {p.target.achieved:.3f}")
+    if p.accuracy is not None:
+        drop = f" (drop {p.accuracy_drop:.2f} pts)" if p.accuracy_drop is not None else ""
+        parts.append(f"top-1 {p.accuracy:.4f}{drop}")
+    parts += [f"speedup b{b} {s:.2f}x" for b, s in sorted(p.speedup.items())]
+    marks = [m for m, on in (("Pareto-optimal", p.pareto), ("selected", p.selected)) if on]
+    return ", ".join(parts + marks)
 
 
 def junit_xml(job: Any, report: Report | None, timed_out: bool = False) -> str:
@@ -31,7 +48,12 @@ def junit_xml(job: Any, report: Report | None, timed_out: bool = False) -> str:
     method = (job.spec.get("method") or {}).get("name", "?")
     case = _case(suite, f"job {job.id} ({method})", duration)
     if timed_out:
-        ET.SubElement(case, "error", message=f"timed out waiting; the job is still {job.status}", type="timeout")
+        ET.SubElement(
+            case,
+            "error",
+            message=f"timed out waiting; the job is still {job.status}",
+            type="timeout",
+        )
     elif job.status != "succeeded":
         err = job.error
         message = f"{err.error}: {err.detail}" if err else job.status
@@ -46,10 +68,22 @@ def junit_xml(job: Any, report: Report | None, timed_out: bool = False) -> str:
             ET.SubElement(case, "failure", message=text, type="target_missed").text = text
         for g in report.gates:
             case = _case(suite, f"gate {g.name}")
-            text = f"{g.name}: {g.value:.4f} (limit {g.limit:g}) {'passed' if g.passed else 'MISSED'}"
+            text = (
+                f"{g.name}: {g.value:.4f} (limit {g.limit:g}) {'passed' if g.passed else 'MISSED'}"
+            )
             ET.SubElement(case, "system-out").text = text
             if not g.passed:
                 ET.SubElement(case, "failure", message=text, type="gate_missed").text = text
+        for p in report.sweep or []:
+            case = _case(suite, f"sweep point {p.label}")
+            text = _sweep_point_text(p)
+            ET.SubElement(case, "system-out").text = text
+            if not p.gates_passed:
+                missed = ", ".join(p.failed_gates) or "?"
+                message = f"{p.label}: gates missed: {missed}"
+                ET.SubElement(
+                    case, "failure", message=message, type="gate_missed"
+                ).text = f"{message}\n{text}"
     else:  # a job that never produced a report cannot have passed its gates
         gates = job.spec.get("gates") or {}
         for name, limit in gates.items():
@@ -91,6 +125,12 @@ def summary_markdown(job: Any, report: Report | None, max_layers: int = 40) -> s
         "|---|---:|---:|---:|",
     ]
     lines += [f"| {_md(a)} | {b} | {c} | {d} |" for a, b, c, d in summary_rows(report)]
+    if report.sweep:
+        head, *body = sweep_rows(report)
+        lines += ["", "**Budget sweep:**", "", "| " + " | ".join(head) + " |"]
+        lines += ["|---|" + "---:|" * (len(head) - 2) + "---|"]
+        lines += ["| " + " | ".join(_md(c) for c in r) + " |" for r in body]
+        lines += ["", _md(SWEEP_LEGEND)]
     if report.gates:
         lines += ["", "| gate | limit | value | result |", "|---|---:|---:|---|"]
         lines += [
@@ -98,11 +138,18 @@ def summary_markdown(job: Any, report: Report | None, max_layers: int = 40) -> s
             for g in report.gates
         ]
     if report.layers:
-        lines += ["", "<details><summary>Per-layer channels and MACs</summary>", "",
-                  "| layer | channels | MACs before | MACs after |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "<details><summary>Per-layer channels and MACs</summary>",
+            "",
+            "| layer | channels | MACs before | MACs after |",
+            "|---|---:|---:|---:|",
+        ]
         for row in report.layers[:max_layers]:
-            lines.append(f"| `{_md(row.name)}` | {row.channels_before} → {row.channels_after} | "
-                         f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |")
+            lines.append(
+                f"| `{_md(row.name)}` | {row.channels_before} → {row.channels_after} | "
+                f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |"
+            )
         if len(report.layers) > max_layers:
             lines.append(f"| … {len(report.layers) - max_layers} more | | | |")
         lines += ["", "</details>"]
@@ -114,8 +161,9 @@ def summary_markdown(job: Any, report: Report | None, max_layers: int = 40) -> s
     return "\n".join(lines) + "\n"
 
 
-def write(job: Any, report: Report | None, junit: str | None, summary: str | None,
-          timed_out: bool = False) -> list[Path]:
+def write(
+    job: Any, report: Report | None, junit: str | None, summary: str | None, timed_out: bool = False
+) -> list[Path]:
     """Write the requested files; append the summary to $GITHUB_STEP_SUMMARY whenever it is
     set (GitHub Actions sets it in every step)."""
     written: list[Path] = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prunery.client import Job
+    from prunery.client.resources import JobData as Job
 
 
 class PruneryError(Exception):

@@ -25,7 +25,9 @@ class BeforeAfter(BaseModel):
 class TargetResult(BaseModel):
     kind: str = Field(description="flops | params | latency | layers")
     requested: float | None
-    achieved: float = Field(description="Fraction of the original kept (MACs, params or measured latency).")
+    achieved: float = Field(
+        description="Fraction of the original kept (MACs, params or measured latency)."
+    )
     tolerance: float
     met: bool
     measured_on: str = "exported ONNX graphs"
@@ -49,22 +51,49 @@ class LatencyResult(BaseModel):
     runs: int
     p90_before: float
     p90_after: float
+    pairs_below_gate: int | None = Field(
+        default=None,
+        description="of the `runs` interleaved pairs, how many ran slower than gates.min_speedup "
+        "allows (the gate's sign test; null when the gate is off)",
+    )
 
 
 class LayerRow(BaseModel):
-    name: str
+    name: str = Field(description="the engine's layer name (the converted module's name)")
+    source: str | None = Field(
+        default=None,
+        description="the layer's module path in the exporter's source model (e.g. `features.0`, "
+        "`layer1.0.conv1`), read from the ONNX graph's weight names or scope metadata; "
+        "target.layers accepts it as well as `name`",
+    )
     op: str
     channels_before: int
     channels_after: int
     macs_before: int
     macs_after: int
-    latency_before_us: float | None = Field(default=None, description="the layer alone, onnxruntime, batch 1")
+    latency_before_us: float | None = Field(
+        default=None, description="the layer alone, onnxruntime, batch 1"
+    )
     latency_after_us: float | None = None
+
+    @property
+    def display_name(self) -> str:
+        """The readable name: the source module path where known, else the engine's name."""
+        return self.source or self.name
 
 
 class ExcludedLayer(BaseModel):
     name: str
     reason: str
+    source: str | None = Field(
+        default=None,
+        description="The exporter's source module path (e.g. 'fc'), when the ONNX carries it",
+    )
+
+    @property
+    def display_name(self) -> str:
+        """The readable name: the source module path where known, else the engine's name."""
+        return self.source or self.name
 
 
 class GateResult(BaseModel):
@@ -73,6 +102,46 @@ class GateResult(BaseModel):
     value: float
     passed: bool
     message: str | None = None
+
+
+# A budget sweep point's files are stored and downloaded as `<label>__<file>`, e.g.
+# `flops-0.5__model.onnx` (artifact names are plain file names: no folders).
+SWEEP_SEPARATOR = "__"
+
+
+def sweep_artifact_name(label: str, name: str) -> str:
+    return f"{label}{SWEEP_SEPARATOR}{name}"
+
+
+class SweepPoint(BaseModel):
+    """One point of a budget sweep (`target.flops: [0.75, 0.5, 0.25]`): the numbers of its
+    own report (`<label>__report.json`), measured like any job's."""
+
+    label: str = Field(description="e.g. 'flops-0.75': the prefix of the point's artifact names")
+    target: TargetResult
+    macs_ratio: float = Field(description="MACs after / before (ONNX graphs)")
+    params_ratio: float = Field(description="parameters after / before")
+    accuracy: float | None = Field(default=None, description="top-1 after, fraction 0..1")
+    accuracy_drop: float | None = Field(default=None, description="top-1 drop, points")
+    latency_ms: dict[int, float] = Field(
+        default_factory=dict, description="{batch size: the pruned model's median ms}"
+    )
+    speedup: dict[int, float] = Field(
+        default_factory=dict, description="{batch size: original / pruned median latency}"
+    )
+    gates_passed: bool
+    failed_gates: list[str] = Field(default_factory=list)
+    pareto: bool = Field(
+        description="no other point has at least its accuracy with at most its MACs and at "
+        "least its speedup at every batch size (and is better in one of them)"
+    )
+    selected: bool = Field(
+        description="this point's model and report are the job's model.onnx and report.json"
+    )
+    artifacts: dict[str, str] = Field(
+        default_factory=dict,
+        description="{file: artifact name}, e.g. {'model.onnx': 'flops-0.75__model.onnx'}",
+    )
 
 
 class Report(BaseModel):
@@ -115,6 +184,11 @@ class Report(BaseModel):
     spec_hash: str
     versions: dict[str, str]
     device: str
+    sweep: list[SweepPoint] | None = Field(
+        default=None,
+        description="A budget sweep's points, in the order requested (the rest of this report "
+        "is the selected point's); null for a single target.",
+    )
 
     @property
     def gates_passed(self) -> bool:
@@ -132,20 +206,95 @@ def _fmt_int(n: float) -> str:
 def summary_rows(report: Report) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, change) rows shared by the Markdown and the terminal table."""
     rows = [
-        ("MACs", _fmt_int(report.macs.before), _fmt_int(report.macs.after), f"x{report.macs.ratio:.3f}"),
-        ("Parameters", _fmt_int(report.params.before), _fmt_int(report.params.after), f"x{report.params.ratio:.3f}"),
-        ("File bytes", _fmt_int(report.file_bytes.before), _fmt_int(report.file_bytes.after), f"x{report.file_bytes.ratio:.3f}"),
+        (
+            "MACs",
+            _fmt_int(report.macs.before),
+            _fmt_int(report.macs.after),
+            f"x{report.macs.ratio:.3f}",
+        ),
+        (
+            "Parameters",
+            _fmt_int(report.params.before),
+            _fmt_int(report.params.after),
+            f"x{report.params.ratio:.3f}",
+        ),
+        (
+            "File bytes",
+            _fmt_int(report.file_bytes.before),
+            _fmt_int(report.file_bytes.after),
+            f"x{report.file_bytes.ratio:.3f}",
+        ),
     ]
     if report.accuracy is not None:
         a = report.accuracy
         rows.append(("Top-1 accuracy", f"{a.before:.4f}", f"{a.after:.4f}", f"{-a.drop:+.2f} pts"))
         if a.top5_before is not None and a.top5_after is not None:
-            rows.append(("Top-5 accuracy", f"{a.top5_before:.4f}", f"{a.top5_after:.4f}", f"{(a.top5_after - a.top5_before) * 100:+.2f} pts"))
+            rows.append(
+                (
+                    "Top-5 accuracy",
+                    f"{a.top5_before:.4f}",
+                    f"{a.top5_after:.4f}",
+                    f"{(a.top5_after - a.top5_before) * 100:+.2f} pts",
+                )
+            )
     for name, m in report.metrics.items():
         rows.append((name, f"{m.before:.4f}", f"{m.after:.4f}", f"x{m.ratio:.3f}"))
     for lat in report.latency_ms:
-        rows.append((f"Latency batch {lat.batch_size} (ms, median)", f"{lat.before:.3f}", f"{lat.after:.3f}", f"{lat.speedup:.2f}x faster"))
+        rows.append(
+            (
+                f"Latency batch {lat.batch_size} (ms, median)",
+                f"{lat.before:.3f}",
+                f"{lat.after:.3f}",
+                f"{lat.speedup:.2f}x faster",
+            )
+        )
     return rows
+
+
+def sweep_rows(report: Report) -> list[tuple[str, ...]]:
+    """The sweep table (header first): point, the achieved fraction of a latency sweep,
+    MACs and parameter fractions, top-1, drop, speedup per batch size, and marks: `P`
+    Pareto-optimal, `*` the selected point (the job's model.onnx), `!gate` a gate missed.
+    Empty for a single target."""
+    if not report.sweep:
+        return []
+    batches = sorted({b for p in report.sweep for b in p.speedup})
+    measured = any(p.target.kind == "latency" for p in report.sweep)
+    header = (
+        "point",
+        *(("latency kept",) if measured else ()),
+        "MACs",
+        "params",
+        "top-1",
+        "drop pts",
+        *(f"speedup b{b}" for b in batches),
+        "",
+    )
+    rows: list[tuple[str, ...]] = [header]
+    for p in report.sweep:
+        marks = ("P" if p.pareto else "") + ("*" if p.selected else "")
+        if p.failed_gates:
+            marks += (" " if marks else "") + "!" + ",".join(p.failed_gates)
+        rows.append(
+            (
+                p.label,
+                *((f"{p.target.achieved:.3f}",) if measured else ()),
+                f"{p.macs_ratio:.3f}",
+                f"{p.params_ratio:.3f}",
+                f"{p.accuracy:.4f}" if p.accuracy is not None else "-",
+                f"{p.accuracy_drop:.2f}" if p.accuracy_drop is not None else "-",
+                *(f"{p.speedup[b]:.2f}x" if b in p.speedup else "-" for b in batches),
+                marks,
+            )
+        )
+    return rows
+
+
+SWEEP_LEGEND = (
+    "P: Pareto-optimal (no other point has >= top-1, <= MACs and >= speedup at every batch "
+    "size); *: the selected point (model.onnx, report.json); !gate: that gate missed. Each "
+    "point's files are <point>__model.onnx, <point>__report.json, ..."
+)
 
 
 _TARGET_WORDS = {"params": "parameters", "flops": "MACs", "latency": "measured latency"}
@@ -173,13 +322,28 @@ def render_markdown(report: Report) -> str:
         "Latency: onnxruntime CPU, the two models timed alternately, median of "
         f"{report.latency_ms[0].runs if report.latency_ms else 0} runs after warm-up.",
     ]
+    if report.sweep:
+        head, *body = sweep_rows(report)
+        lines += ["", "## Budget sweep", "", "| " + " | ".join(head) + " |"]
+        lines += ["|---|" + "---:|" * (len(head) - 2) + "---|"]
+        lines += ["| " + " | ".join(r) + " |" for r in body]
+        lines += ["", SWEEP_LEGEND]
     if report.gates:
         lines += ["", "## Gates", "", "| gate | limit | value | result |", "|---|---:|---:|---|"]
-        lines += [f"| {g.name} | {g.limit} | {g.value:.3f} | {'pass' if g.passed else 'FAIL'} |" for g in report.gates]
+        lines += [
+            f"| {g.name} | {g.limit} | {g.value:.3f} | {'pass' if g.passed else 'FAIL'} |"
+            for g in report.gates
+        ]
         lines += [f"- {g.name}: {g.message}" for g in report.gates if g.message]
     timed = any(r.latency_before_us is not None for r in report.layers)
-    lines += ["", "## Layers", "", "| layer | op | channels | MACs before | MACs after |" + (" µs before → after |" if timed else ""),
-              "|---|---|---:|---:|---:|" + ("---:|" if timed else "")]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| layer | op | channels | MACs before | MACs after |"
+        + (" µs before → after |" if timed else ""),
+        "|---|---|---:|---:|---:|" + ("---:|" if timed else ""),
+    ]
     for row in report.layers:
         lat = (
             f" {row.latency_before_us:.1f} → {row.latency_after_us:.1f} |"
@@ -187,12 +351,12 @@ def render_markdown(report: Report) -> str:
             else (" |" if timed else "")
         )
         lines.append(
-            f"| `{row.name}` | {row.op} | {row.channels_before} → {row.channels_after} | "
+            f"| `{row.display_name}` | {row.op} | {row.channels_before} → {row.channels_after} | "
             f"{_fmt_int(row.macs_before)} | {_fmt_int(row.macs_after)} |{lat}"
         )
     if report.excluded:
         lines += ["", "## Excluded from pruning", "", "| layer | reason |", "|---|---|"]
-        lines += [f"| `{e.name}` | {e.reason.replace('|', '/')} |" for e in report.excluded]
+        lines += [f"| `{e.display_name}` | {e.reason.replace('|', '/')} |" for e in report.excluded]
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
     lines += [

@@ -10,12 +10,22 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    GetCoreSchemaHandler,
+    Tag,
+    model_validator,
+)
+from pydantic_core import core_schema
 
 Task = Literal["classification", "language_modeling"]
 
 
 MAX_IMAGE_SIDE = 1024  # bound of data.image_size (pixels per side)
+
 
 # NaN and ±Infinity are refused everywhere in a spec: they cannot be stored as JSON in
 # Postgres and no field has a meaning for them.
@@ -32,19 +42,66 @@ class MethodSpec(_Strict):
     )
 
 
-class Target(_Strict):
-    """The budget. Exactly one of flops / params / latency / layers."""
+FLOAT_KINDS = ("flops", "params", "latency")
+SWEEP_POINTS = (2, 8)  # a budget sweep has this many points, at least and at most
 
-    flops: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of the original MACs to keep."
+
+def _shape(value: Any) -> str:
+    return "sweep" if isinstance(value, (list, tuple)) else "fraction"
+
+
+_Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class Sweep(list[float]):
+    """The points of a budget sweep: a list of fractions, serialised as a JSON list. It is
+    never one number: `float(sweep)` raises (code written for one target cannot take a
+    sweep for its first point by accident; the engine runs `Target.points()`)."""
+
+    def __float__(self) -> float:
+        raise TypeError(
+            f"a budget sweep {list(self)} has one fraction per point; use Target.points()"
+        )
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        points = Annotated[
+            list[_Fraction], Field(min_length=SWEEP_POINTS[0], max_length=SWEEP_POINTS[1])
+        ]
+        return core_schema.no_info_after_validator_function(cls, handler.generate_schema(points))
+
+
+# One fraction, or a budget sweep: a list of 2..8 distinct fractions (one pruned model each).
+# The callable discriminator picks the branch by the value's shape, so an error names only
+# the branch that was meant (`target.flops.fraction: ...` or `target.flops.sweep.1: ...`).
+FractionOrSweep = Annotated[
+    Annotated[_Fraction, Tag("fraction")] | Annotated[Sweep, Tag("sweep")],
+    Discriminator(_shape),
+]
+
+
+class Target(_Strict):
+    """The budget. Exactly one of flops / params / latency / layers.
+
+    flops, params and latency may each be a list of 2..8 distinct fractions: a **budget
+    sweep**, one pruned model per point (`points()` gives each point's scalar Target)."""
+
+    flops: FractionOrSweep | None = Field(
+        default=None,
+        description="Fraction of the original MACs to keep, or a list of 2..8 fractions "
+        "(a budget sweep: one pruned model per point and a Pareto table).",
     )
-    params: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Fraction of the original parameters to keep."
+    params: FractionOrSweep | None = Field(
+        default=None,
+        description="Fraction of the original parameters to keep, or a list of 2..8 (a sweep).",
     )
-    latency: float | None = Field(
-        default=None, gt=0.0, le=1.0,
+    latency: FractionOrSweep | None = Field(
+        default=None,
         description="Fraction of the original's measured latency to keep (onnxruntime, batch "
-        "`latency_batch`); the allocation is searched against measured latency of the pruned network.",
+        "`latency_batch`); the allocation is searched against measured latency of the pruned "
+        "network. A list of 2..8 fractions is a sweep.",
     )
     latency_batch: int = Field(
         default=1, ge=1, le=4096, description="Batch size at which target.latency is measured."
@@ -59,20 +116,34 @@ class Target(_Strict):
         gt=0.0,
         le=0.2,
         description="Allowed |achieved - requested|, as a fraction of the original "
-        "(default 0.01; for a latency target 5% of the request).",
+        "(default 0.01; for a latency target 5% of the request, for a latency sweep 5% of "
+        "its smallest point). A sweep applies it to every point.",
     )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Target:
-        given = [k for k in ("flops", "params", "latency", "layers") if getattr(self, k) is not None]
+        given = [
+            k for k in ("flops", "params", "latency", "layers") if getattr(self, k) is not None
+        ]
         if len(given) != 1:
             raise ValueError(
                 "target needs exactly one of 'flops', 'params', 'latency' or 'layers' "
-                f"(got {given or 'none'}); e.g. {{\"flops\": 0.5}}"
+                f'(got {given or "none"}); e.g. {{"flops": 0.5}}'
             )
+        sweep = self.sweep_values
+        if sweep is not None:
+            labels = [f"{v:g}" for v in sweep]
+            twice = sorted({t for t in labels if labels.count(t) > 1})
+            if twice:
+                raise ValueError(
+                    f"target.{self.kind}: the points of a sweep must be distinct "
+                    f"({', '.join(twice)} given twice); e.g. [0.75, 0.5, 0.25]"
+                )
         if self.latency is not None and "tolerance" not in self.model_fields_set:
-            # Measured latency is noisy: the default is +-5% of the requested fraction.
-            self.tolerance = round(0.05 * self.latency, 6)
+            # Measured latency is noisy: the default is +-5% of the requested fraction (of
+            # the smallest point of a sweep: one stored number, never looser than 5%).
+            smallest = min(self.latency) if isinstance(self.latency, list) else self.latency
+            self.tolerance = round(0.05 * smallest, 6)
         if self.layers is not None:
             for name, ratio in self.layers.items():
                 if not 0.0 <= ratio < 1.0:
@@ -92,22 +163,68 @@ class Target(_Strict):
         return "layers"
 
     @property
-    def fraction(self) -> float | None:
-        for value in (self.flops, self.params, self.latency):
-            if value is not None:
-                return value
+    def sweep_values(self) -> list[float] | None:
+        """The points of a budget sweep, in the order given; None for a single target."""
+        for key in FLOAT_KINDS:
+            value = getattr(self, key)
+            if isinstance(value, list):
+                return [float(v) for v in value]
         return None
+
+    @property
+    def is_sweep(self) -> bool:
+        return self.sweep_values is not None
+
+    @property
+    def fraction(self) -> float | None:
+        """The single fraction of a flops/params/latency target (None for layers). A sweep
+        has one per point: ask `points()` (the engine runs each point as its own target)."""
+        for key in FLOAT_KINDS:
+            value = getattr(self, key)
+            if isinstance(value, list):
+                raise ValueError(f"target.{key} is a sweep {value}: use Target.points()")
+            if value is not None:
+                return float(value)
+        return None
+
+    def points(self) -> list[Target]:
+        """One scalar Target per point of a sweep (in the order given), each with this
+        target's tolerance and latency batch; a single target is its own only point."""
+        values = self.sweep_values
+        if values is None:
+            return [self]
+        return [
+            Target.model_validate(
+                {
+                    self.kind: v,
+                    "latency_batch": self.latency_batch,
+                    "tolerance": self.tolerance,
+                }
+            )
+            for v in values
+        ]
+
+    @property
+    def labels(self) -> list[str]:
+        """A name per point: `flops-0.75` (what a sweep's artifact names start with)."""
+        return [f"{p.kind}-{p.fraction:g}" for p in self.points()]
 
 
 class Distillation(_Strict):
     """Knowledge distillation from the unpruned model during recovery (Hinton et al. 2015)."""
 
-    enabled: bool = Field(default=True, description="learn from the original model's logits as well as the labels")
+    enabled: bool = Field(
+        default=True, description="learn from the original model's logits as well as the labels"
+    )
     alpha: float = Field(
-        default=0.5, ge=0.0, le=1.0,
+        default=0.5,
+        ge=0.0,
+        le=1.0,
         description="weight of the distillation term; the label cross-entropy gets 1 - alpha",
     )
-    temperature: float = Field(default=2.0, gt=0.0, le=100.0, description="softmax temperature of both models' logits")
+    temperature: float = Field(
+        default=2.0, gt=0.0, le=100.0, description="softmax temperature of both models' logits"
+    )
 
 
 class Recovery(_Strict):
@@ -129,20 +246,24 @@ class Recovery(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     distill: Distillation = Field(
         default_factory=Distillation,
-        description="distillation from the original model (on by default; {\"enabled\": false} to train on labels only)",
+        description='distillation from the original model (on by default; {"enabled": false} to train on labels only)',
     )
 
 
 class ExportSpec(_Strict):
     opset: int = Field(default=17, ge=11, le=23)
     round_to: int | None = Field(
-        default=None, ge=1, le=256,
+        default=None,
+        ge=1,
+        le=256,
         description="Keep channel counts a multiple of this. Default (null): chosen per layer by "
         "timing its convolution/matmul at candidate widths on the target runtime (see README, "
         "'Latency-first pruning').",
     )
     max_layer_cut: float = Field(
-        default=0.9, gt=0.0, lt=1.0,
+        default=0.9,
+        gt=0.0,
+        lt=1.0,
         description="Largest fraction of one group's channels the budget may remove (refuses to gut a layer).",
     )
 
@@ -163,15 +284,17 @@ class Gates(_Strict):
         ge=0.0,
         le=1000.0,
         description="Smallest allowed measured speedup (original / pruned median latency, onnxruntime) "
-        "at every reported batch size, allowing 3% measurement noise; null disables the gate.",
+        "at every reported batch size, allowing 3% measurement noise: a batch size fails when its "
+        "median is below the line and a sign test over the interleaved runs says it is not chance "
+        "(p <= 0.05); null disables the gate.",
     )
     min_speedup_floor_ms: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0.0,
         le=60_000.0,
-        description="min_speedup applies at the batch sizes where the original's median latency is at "
-        "least this many milliseconds; below it per-op dispatch and timer noise decide the ratio "
-        "(the report says which batch sizes were judged). 0 judges every batch size.",
+        description="Optionally judge min_speedup only at the batch sizes where the original's median "
+        "latency is at least this many milliseconds (the report says which were judged). The default "
+        "0 judges every batch size; the sign test already keeps timer noise from failing a job.",
     )
 
 
@@ -206,7 +329,9 @@ class DataSpec(_Strict):
 
 class PruneSchedule(_Strict):
     steps: int = Field(
-        default=1, ge=1, le=20,
+        default=1,
+        ge=1,
+        le=20,
         description="progressive pruning: reach the target in this many steps (MACs kept falls geometrically), "
         "with an equal share of the recovery epochs after each step; the total epochs stay recovery.epochs",
     )
@@ -221,7 +346,7 @@ class Webhook(_Strict):
 
     url: str = Field(min_length=8, max_length=2048, description="http(s) URL of your receiver.")
     events: list[WebhookEvent] = Field(
-        default_factory=lambda: ["succeeded", "failed", "cancelled"],
+        default_factory=lambda: list[WebhookEvent](["succeeded", "failed", "cancelled"]),
         min_length=1,
         description="Job states that trigger a delivery (default: the terminal ones).",
     )
@@ -232,7 +357,9 @@ class Webhook(_Strict):
 
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"webhook.url must be an http:// or https:// URL with a host, not {self.url!r}")
+            raise ValueError(
+                f"webhook.url must be an http:// or https:// URL with a host, not {self.url!r}"
+            )
         if parts.username or parts.password:
             raise ValueError("webhook.url must not carry credentials; verify the signature instead")
         return self
@@ -258,5 +385,7 @@ class JobSpec(_Strict):
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of what determines the result (ids excluded)."""
-        body = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "eval_dataset_id", "webhook"})
+        body = self.model_dump(
+            mode="json", exclude={"model_id", "dataset_id", "eval_dataset_id", "webhook"}
+        )
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -26,7 +26,9 @@ class InvalidSignature(ValueError):
 
 
 def compute_signature(secret: str, body: bytes, timestamp: int) -> str:
-    return hmac.new(secret.encode(), f"{int(timestamp)}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret.encode(), f"{int(timestamp)}.".encode() + body, hashlib.sha256
+    ).hexdigest()
 
 
 def verify(
@@ -62,4 +64,5 @@ def verify(
     expected = compute_signature(secret, body, timestamp)
     if not any(hmac.compare_digest(expected, s) for s in signatures):
         raise InvalidSignature("signature mismatch: wrong secret, or the body was altered")
-    return json.loads(body)
+    payload: dict[str, Any] = json.loads(body)
+    return payload

@@ -1,0 +1,5 @@
+import sys
+
+from prunery.cli import main
+
+sys.exit(main())
