@@ -69,7 +69,10 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column(
-            "model_id", sa.String(32), sa.ForeignKey("models.id", ondelete="CASCADE"), nullable=False
+            "model_id",
+            sa.String(32),
+            sa.ForeignKey("models.id", ondelete="CASCADE"),
+            nullable=False,
         ),
         sa.Column(
             "dataset_id",
@@ -85,9 +88,7 @@ def upgrade() -> None:
         sa.Column("created_at", TS, nullable=False),
         sa.Column("finished_at", TS, nullable=True),
     )
-    op.create_index(
-        "ix_model_analyses_model_created", "model_analyses", ["model_id", "created_at"]
-    )
+    op.create_index("ix_model_analyses_model_created", "model_analyses", ["model_id", "created_at"])
 
 
 def downgrade() -> None:
