@@ -23,8 +23,8 @@ from limits.strategies import FixedWindowRateLimiter
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.config import Settings
 from app.errors import BadRequest, TooManyRequests
+from core.settings import Settings
 
 log = logging.getLogger("prunery.api")
 
@@ -43,7 +43,11 @@ class RateLimits:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         url = _storage_url(settings)
-        options = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5} if url.startswith("redis") else {}
+        options = (
+            {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+            if url.startswith("redis")
+            else {}
+        )
         self.storage = storage_from_string(url, **options)
         self.limiter = FixedWindowRateLimiter(self.storage)
         self.namespace = f"prunery:{settings.job_queue}"
@@ -151,7 +155,7 @@ class _Lease:
 
 class BodyGuard:
     """Pure ASGI middleware bounding request bodies that are not multipart uploads (those are
-    streamed to disk by `app.uploads` with their own limits): at most `max_bytes` (413), and
+    streamed to disk by `app.features.files.multipart` with their own limits): at most `max_bytes` (413), and
     no pause longer than `idle_s` while the body arrives (408) — a stalled JSON client is cut
     off instead of holding a worker thread forever."""
 

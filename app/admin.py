@@ -15,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from app.config import get_settings
-from app.db import make_engine, make_sessionmaker, migrate, transaction
-from app.models import ApiKey, JobEvent, Tenant, utcnow
 from app.security import create_api_key, create_tenant
+from core.db import make_engine, make_sessionmaker, migrate, transaction
+from core.orm import ApiKey, JobEvent, Tenant, utcnow
+from core.settings import get_settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m app.admin",
         description=__doc__,
@@ -51,8 +54,75 @@ def main(argv: list[str] | None = None) -> int:
         "job-debug", help="print the stored tracebacks of a job's internal errors", parents=[common]
     )
     p.add_argument("job_id")
-    args = parser.parse_args(argv)
+    return parser
 
+
+# A command returns what to print, or an exit status after printing its own error.
+Out = dict[str, Any]
+
+
+def _refuse(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
+def _create_tenant(s: Session, args: argparse.Namespace) -> Out | int:
+    if s.scalar(select(Tenant).where(Tenant.name == args.name)):
+        return _refuse(f"tenant {args.name!r} exists; use create-key")
+    tenant = create_tenant(s, args.name)
+    key_row, key = create_api_key(s, tenant, args.key_name)
+    return {"tenant_id": tenant.id, "tenant": tenant.name, "key_id": key_row.id, "api_key": key}
+
+
+def _create_key(s: Session, args: argparse.Namespace) -> Out | int:
+    tenant = s.scalar(
+        select(Tenant).where((Tenant.name == args.tenant) | (Tenant.id == args.tenant))
+    )
+    if tenant is None:
+        return _refuse(f"no tenant {args.tenant!r}")
+    key_row, key = create_api_key(s, tenant, args.name)
+    return {"tenant_id": tenant.id, "key_id": key_row.id, "api_key": key}
+
+
+def _revoke_key(s: Session, args: argparse.Namespace) -> Out | int:
+    row = s.get(ApiKey, args.key_id)
+    if row is None:
+        return _refuse(f"no key {args.key_id!r}")
+    row.revoked_at = utcnow()
+    return {"key_id": row.id, "revoked": True}
+
+
+def _job_debug(s: Session, args: argparse.Namespace) -> Out | int:
+    rows = s.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == args.job_id, JobEvent.kind == "debug")
+        .order_by(JobEvent.id)
+    ).all()
+    if not rows:
+        return _refuse(f"no stored traceback for job {args.job_id!r}")
+    if not args.json:
+        for row in rows:
+            print(f"--- {row.at.isoformat()}\n{row.message}")
+        return 0
+    return {"job_id": args.job_id, "tracebacks": [r.message for r in rows]}
+
+
+def _list_tenants(s: Session, args: argparse.Namespace) -> Out | int:
+    tenants = s.scalars(select(Tenant).order_by(Tenant.created_at)).all()
+    return {"tenants": [{"id": t.id, "name": t.name} for t in tenants]}
+
+
+COMMANDS: dict[str, Callable[[Session, argparse.Namespace], Out | int]] = {
+    "create-tenant": _create_tenant,
+    "create-key": _create_key,
+    "revoke-key": _revoke_key,
+    "job-debug": _job_debug,
+    "list-tenants": _list_tenants,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     settings = get_settings()
     if args.cmd == "migrate":
         migrate(settings)
@@ -60,51 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     factory = make_sessionmaker(make_engine(settings))
     with transaction(factory) as s:
-        if args.cmd == "create-tenant":
-            if s.scalar(select(Tenant).where(Tenant.name == args.name)):
-                print(f"tenant {args.name!r} exists; use create-key", file=sys.stderr)
-                return 2
-            tenant = create_tenant(s, args.name)
-            key_row, key = create_api_key(s, tenant, args.key_name)
-            out = {
-                "tenant_id": tenant.id,
-                "tenant": tenant.name,
-                "key_id": key_row.id,
-                "api_key": key,
-            }
-        elif args.cmd == "create-key":
-            tenant = s.scalar(
-                select(Tenant).where((Tenant.name == args.tenant) | (Tenant.id == args.tenant))
-            )
-            if tenant is None:
-                print(f"no tenant {args.tenant!r}", file=sys.stderr)
-                return 2
-            key_row, key = create_api_key(s, tenant, args.name)
-            out = {"tenant_id": tenant.id, "key_id": key_row.id, "api_key": key}
-        elif args.cmd == "revoke-key":
-            row = s.get(ApiKey, args.key_id)
-            if row is None:
-                print(f"no key {args.key_id!r}", file=sys.stderr)
-                return 2
-            row.revoked_at = utcnow()
-            out = {"key_id": row.id, "revoked": True}
-        elif args.cmd == "job-debug":
-            rows = s.scalars(
-                select(JobEvent)
-                .where(JobEvent.job_id == args.job_id, JobEvent.kind == "debug")
-                .order_by(JobEvent.id)
-            ).all()
-            if not rows:
-                print(f"no stored traceback for job {args.job_id!r}", file=sys.stderr)
-                return 2
-            if not args.json:
-                for row in rows:
-                    print(f"--- {row.at.isoformat()}\n{row.message}")
-                return 0
-            out = {"job_id": args.job_id, "tracebacks": [r.message for r in rows]}
-        else:
-            tenants = s.scalars(select(Tenant).order_by(Tenant.created_at)).all()
-            out = {"tenants": [{"id": t.id, "name": t.name} for t in tenants]}
+        out = COMMANDS[args.cmd](s, args)
+    if isinstance(out, int):
+        return out
     if args.json:
         print(json.dumps(out))
     else:

@@ -12,19 +12,22 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.abuse import RateLimits, client_address
-from app.config import Settings
 from app.errors import Unauthorized
-from app.models import utcnow
 from app.security import lookup_key
-from app.storage import Storage
+from core.db import transaction
+from core.orm import utcnow
+from core.settings import Settings
+from core.storage import Storage
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings
+    return settings
 
 
 def get_sessionmaker(request: Request) -> sessionmaker[Session]:
-    return request.app.state.sessionmaker
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    return factory
 
 
 def after_commit(session: Session, callback: Callable[[], None]) -> None:
@@ -35,21 +38,15 @@ def after_commit(session: Session, callback: Callable[[], None]) -> None:
 
 def get_db(request: Request) -> Iterator[Session]:
     """One session per request, committed at the edge (or rolled back on error)."""
-    session = request.app.state.sessionmaker()
-    try:
+    with transaction(request.app.state.sessionmaker) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
     for callback in session.info.pop("after_commit", []):
         callback()
 
 
 def get_storage(request: Request) -> Storage:
-    return request.app.state.storage
+    storage: Storage = request.app.state.storage
+    return storage
 
 
 def get_celery(request: Request) -> Celery:

@@ -14,17 +14,12 @@ import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from workers.errors import EngineError
+from core.errors import EngineError
+from core.schemas import ErrorBody
 
 log = logging.getLogger("prunery.api")
-
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="Machine-readable code, e.g. 'not_found', 'validation_error'.")
-    detail: str = Field(description="What went wrong and how to fix it.")
 
 
 class ApiError(Exception):
@@ -96,9 +91,14 @@ _DESCRIPTIONS = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting the error shape for these statuses."""
-    return {s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses}
+def error_responses(
+    *statuses: int, ok: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the error shape for these statuses (after the
+    200 entry `ok`, when the success response needs describing)."""
+    out: dict[int | str, dict[str, Any]] = {200: ok} if ok is not None else {}
+    out.update({s: {"model": ErrorBody, "description": _DESCRIPTIONS[s]} for s in statuses})
+    return out
 
 
 def _render(

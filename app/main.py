@@ -12,12 +12,19 @@ from fastapi.routing import APIRoute
 
 from app import openapi_extras
 from app.abuse import BodyGuard, ConcurrencyCaps, RateLimits
-from app.config import Settings, get_settings
-from app.db import make_engine, make_sessionmaker
 from app.errors import document_errors, install_handlers
+from app.features.analysis.router import router as analysis
+from app.features.datasets.router import router as datasets
+from app.features.health.router import router as health
+from app.features.jobs.router import router as jobs
+from app.features.methods.router import router as methods
+from app.features.models.router import router as models
+from app.features.webhooks.router import router as webhooks
 from app.metrics import MetricsMiddleware
-from app.routes import analysis, datasets, jobs, meta, models, report_html, webhooks
-from app.storage import make_storage
+from core.broker import make_producer
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings, get_settings
+from core.storage import make_storage
 
 DESCRIPTION = """Prunery compresses neural networks: upload an ONNX model and a dataset,
 submit a pruning job, and download a structurally pruned ONNX model with a report.
@@ -38,8 +45,6 @@ def _operation_id(route: APIRoute) -> str:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    from workers.celery_app import make_celery
-
     engine = make_engine(settings)
 
     @asynccontextmanager
@@ -60,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = make_storage(settings)
-    app.state.celery = make_celery(settings)
+    app.state.celery = make_producer(settings)
     app.state.rate_limits = RateLimits(settings)
     app.state.caps = ConcurrencyCaps(settings)
 
@@ -68,17 +73,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     document_errors(app)
     app.add_middleware(BodyGuard, idle_s=settings.upload_idle_timeout_s)
     app.add_middleware(MetricsMiddleware)
-    for module in (models, datasets, report_html, jobs, meta, analysis, webhooks):
-        app.include_router(module.router)
+    for router in (models, datasets, jobs, methods, health, analysis, webhooks):
+        app.include_router(router)
     openapi_extras.install(app)
     logging.getLogger("prunery").setLevel(logging.INFO)
     return app
 
 
+_built: FastAPI | None = None
+
+
 def __getattr__(name: str) -> FastAPI:
     # `uvicorn app.main:app` builds the app from the environment on first access.
+    global _built
     if name == "app":
-        global app
-        app = create_app()
-        return app
+        if _built is None:
+            _built = create_app()
+        return _built
     raise AttributeError(name)

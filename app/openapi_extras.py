@@ -84,7 +84,7 @@ def install(app: FastAPI) -> None:
                 continue
             if not _needs_key(route.dependant):
                 continue
-            for method in route.methods:
+            for method in route.methods or ():
                 op = schema["paths"].get(route.path_format, {}).get(method.lower())
                 if op is not None:
                     op["security"] = [{SCHEME: []}]
@@ -97,7 +97,9 @@ def install(app: FastAPI) -> None:
         if op is not None:
             op["responses"]["200"] = {
                 "description": "The report: every number the engine measured, and how.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Report"}}},
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Report"}}
+                },
             }
         app.openapi_schema = schema
         return schema

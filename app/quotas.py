@@ -17,10 +17,10 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 
-from app.config import Settings
 from app.errors import TooManyRequests
-from app.models import DatasetFile, Job, ModelFile, utcnow
-from app.uploads import Upload, receive_upload
+from app.features.files.multipart import Upload, receive_upload
+from core.orm import DatasetFile, Job, ModelFile, utcnow
+from core.settings import Settings
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
@@ -36,7 +36,9 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     for artifacts in session.scalars(
         select(Job.artifacts).where(Job.tenant_id == tenant_id, Job.artifacts.is_not(None))
     ):
-        total += sum(int(a.get("size", 0)) for a in (artifacts or {}).values() if isinstance(a, dict))
+        total += sum(
+            int(a.get("size", 0)) for a in (artifacts or {}).values() if isinstance(a, dict)
+        )
     return total
 
 
@@ -75,7 +77,9 @@ def check_queue(session: Session, settings: Settings, tenant_id: str) -> None:
         )
 
 
-def check_storage(factory: sessionmaker[Session], settings: Settings, tenant_id: str, incoming: int) -> None:
+def check_storage(
+    factory: sessionmaker[Session], settings: Settings, tenant_id: str, incoming: int
+) -> None:
     quota = settings.storage_quota_bytes_per_tenant
     if quota <= 0:
         return

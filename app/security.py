@@ -12,7 +12,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Tenant
+from core.orm import ApiKey, Tenant
 
 
 def hash_key(key: str) -> str:
