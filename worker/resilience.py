@@ -10,7 +10,9 @@
   attempt. `Unclaimable` tells the task to leave its message unacknowledged.
 * `lost_queued_jobs`: the reaper's test for "the broker really lost this message", aware of
   the backlog (see its docstring).
-* `clean_orphan_runs`: run directories of killed runs are removed.
+* `clean_orphan_runs`: run directories of killed runs are removed; `pid_alive` says whether
+  the process a job row names still lives (one answer for the claim and the clean-up).
+* `hard_stop`, `expire_artifacts`: a cancelled run that never checks; artifact retention.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from celery.worker.state import task_ready
 from sqlalchemy import and_, exists, null, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from app.config import Settings
-from app.models import ACTIVE, TERMINAL, Job
+from core.broker import RUN_JOB
+from core.jobs.lifecycle import add_event
+from core.orm import Job, utcnow
+from core.settings import Settings
+from core.storage import job_prefix
+from prunery.types import ACTIVE, TERMINAL
 
 log = logging.getLogger("prunery.worker")
 T = TypeVar("T")
-
-RUN_JOB = "workers.tasks.run_job"
 
 
 # ---------------------------------------------------------------- transient errors
@@ -94,7 +98,7 @@ def _job_status(job_id: str) -> str | None:
     global _parent_engine
     from sqlalchemy import create_engine
 
-    from app.config import get_settings
+    from core.settings import get_settings
 
     if _parent_engine is None:
         settings = get_settings()
@@ -127,7 +131,9 @@ class JobRequest(Request):
             job_id = str(self.args[0])
             status = _job_status(job_id)
         except Exception as exc:  # the database is down: let the task retry and decide
-            log.warning("pre-check of %s failed (%s); running the task", self.id, type(exc).__name__)
+            log.warning(
+                "pre-check of %s failed (%s); running the task", self.id, type(exc).__name__
+            )
             return False
         if status in TERMINAL or status == "missing":
             log.info("job %s is %s: message skipped without starting a child", job_id, status)
@@ -139,7 +145,7 @@ class JobRequest(Request):
 
 
 class PruneryTask(Task):
-    Request = "workers.resilience:JobRequest"
+    Request = "worker.resilience:JobRequest"
 
 
 # ---------------------------------------------------------------- lost messages
@@ -183,13 +189,19 @@ def lost_queued_jobs(s: Session, settings: Settings, now: datetime) -> list[Job]
 # ---------------------------------------------------------------- run directories
 
 
-def _alive_here(worker: str | None) -> bool:
-    """False only when the run was on this host and its process is gone."""
+def worker_id() -> str:
+    """How a job row names the process running it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(worker: str | None) -> bool | None:
+    """Whether the process `worker` (a `worker_id`) is alive; None when this host cannot
+    tell (nothing recorded, or another host or a container sharing the volume)."""
     if not worker or ":" not in worker:
-        return False
+        return None
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return True  # another host (or container sharing the volume): not ours to judge
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -225,7 +237,9 @@ def clean_orphan_runs(factory: Any, cache_dir: Path, min_age_s: float = 60.0) ->
         )
     removed = []
     for d, job_id in candidates.items():
-        if job_id in rows and _alive_here(rows[job_id]):
+        worker = rows.get(job_id)
+        # Kept while its run may be alive: on another host that is not ours to judge.
+        if job_id in rows and worker and ":" in worker and pid_alive(worker) is not False:
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d.name)
@@ -263,10 +277,6 @@ def expire_artifacts(factory: Any, storage: Any, settings: Settings) -> list[str
     job row stays (with its report and events) and says so."""
     if settings.artifact_retention_days <= 0:
         return []
-    from app.jobs import add_event
-    from app.models import utcnow
-    from app.storage import job_prefix
-
     before = utcnow() - timedelta(days=settings.artifact_retention_days)
     expired = []
     with factory() as s, s.begin():
