@@ -1,0 +1,193 @@
+"""Extensions to onnx2torch's converter registry for opsets it does not know yet.
+
+onnx2torch 1.5.15 stops at opset 17-ish; torch.onnx.export's current default writes opset
+18+ (ReduceMean-18 with axes as an input, Reshape-19/21 with allowzero, AveragePool-19,
+Gelu-20 ...). `onnx.version_converter` cannot bring those graphs down (it has no adapter
+for Gelu and leaves ReduceMean-18 attributes it then rejects), so we teach onnx2torch
+the new versions through its public `add_converter` hook instead of forking it:
+
+* ops whose newer versions only widened the type list are aliased to the newest converter
+  onnx2torch has (the load step's torch-vs-onnxruntime parity check catches any drift);
+* ops whose semantics moved get a converter of their own here.
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx import defs
+from onnx2torch.node_converters import registry
+from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
+from onnx2torch.node_converters.registry import OperationDescription, add_converter
+from onnx2torch.node_converters.reshape import OnnxReshape
+from onnx2torch.onnx_graph import OnnxGraph
+from onnx2torch.onnx_node import OnnxNode
+from onnx2torch.utils.common import (
+    OnnxMapping,
+    OperationConverterResult,
+    get_const_value,
+    onnx_mapping_from_node,
+)
+from onnx2torch.utils.custom_export_to_onnx import DefaultExportToOnnx
+from torch import nn
+
+_REDUCE_OPS = (
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+)
+# Ops that semantically changed at these versions and get a converter below.
+_SPECIAL = (
+    {("Reshape", v) for v in (19, 21, 23, 24, 25)}
+    | {(op, 18) for op in _REDUCE_OPS}
+    | {
+        ("Gelu", 20),
+        ("AveragePool", 19),
+        ("Split", 18),
+    }
+)
+
+
+class OnnxReshapeAllowZero(OnnxReshape):
+    """Reshape with allowzero=1: a 0 in the shape means an empty dimension, not 'copy'."""
+
+    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        def _forward() -> torch.Tensor:
+            return torch.reshape(input_tensor, torch.Size([int(s) for s in shape]))
+
+        if torch.onnx.is_in_onnx_export():
+            return DefaultExportToOnnx.export(
+                _forward, "Reshape", input_tensor, shape, {"allowzero_i": 1}
+            )
+        return _forward()
+
+
+def _reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    allow_zero = node.attributes.get("allowzero", 0) == 1
+    if allow_zero:
+        # With no 0 in a constant shape, allowzero changes nothing: use the plain module
+        # (exports as a plain Reshape, which every runtime and opset accepts).
+        try:
+            shape = get_const_value(node.input_values[1], graph)
+            if not bool(torch.any(torch.as_tensor(shape) == 0)):
+                allow_zero = False
+        except KeyError:
+            pass
+    module = OnnxReshapeAllowZero() if allow_zero else OnnxReshape()
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+def _reduce18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    keepdims = node.attributes.get("keepdims", 1)
+    noop = node.attributes.get("noop_with_empty_axes", 0)
+    axes = None
+    if len(node.input_values) > 1 and node.input_values[1]:
+        try:
+            axes = [
+                int(a)
+                for a in torch.as_tensor(get_const_value(node.input_values[1], graph)).tolist()
+            ]
+        except KeyError:
+            raise NotImplementedError(f"{node.operation_type}-18 with non-constant axes") from None
+    if not axes and noop:
+        return OperationConverterResult(
+            torch_module=nn.Identity(),
+            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+        )
+    return OperationConverterResult(
+        torch_module=OnnxReduceStaticAxes(
+            operation_type=node.operation_type, axes=axes or None, keepdims=keepdims
+        ),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
+def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    approximate = node.attributes.get("approximate", "none")
+    if isinstance(approximate, bytes):
+        approximate = approximate.decode()
+    return OperationConverterResult(
+        torch_module=nn.GELU(approximate=approximate), onnx_mapping=onnx_mapping_from_node(node)
+    )
+
+
+def _average_pool19(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    dilations = node.attributes.get("dilations")
+    if dilations and any(int(d) != 1 for d in dilations):
+        raise NotImplementedError("AveragePool-19 with dilations != 1")
+    return registry._CONVERTER_REGISTRY[OperationDescription("", "AveragePool", 11)](node, graph)
+
+
+class _SplitEqual(nn.Module):
+    def __init__(self, axis: int, parts: int) -> None:
+        super().__init__()
+        self.axis, self.parts = axis, parts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = x.shape[self.axis]
+        chunk = -(-size // self.parts)  # ceil, as ONNX specifies for num_outputs
+        return tuple(torch.split(x, chunk, dim=self.axis))
+
+
+def _split18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    if len(node.input_values) > 1 and node.input_values[1]:
+        return registry._CONVERTER_REGISTRY[OperationDescription("", "Split", 13)](node, graph)
+    axis = node.attributes.get("axis", 0)
+    parts = node.attributes.get("num_outputs", len(node.output_values))
+    return OperationConverterResult(
+        torch_module=_SplitEqual(axis, parts),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
+def _alias(target: OperationDescription):
+    def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+        return registry._CONVERTER_REGISTRY[target](node, graph)
+
+    return convert
+
+
+_installed = False
+
+
+def install() -> None:
+    """Register the converters (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    reg = registry._CONVERTER_REGISTRY
+    max_opset = defs.onnx_opset_version()
+
+    def add(op: str, version: int, fn) -> None:
+        if OperationDescription("", op, version) not in reg:
+            add_converter(operation_type=op, version=version)(fn)
+
+    for v in (19, 21, 23, 24, 25):
+        add("Reshape", v, _reshape)
+    for op in _REDUCE_OPS:
+        add(op, 18, _reduce18)
+    add("Gelu", 20, _gelu)
+    add("AveragePool", 19, _average_pool19)
+    add("Split", 18, _split18)
+
+    # Type-only revisions: alias each missing since_version to the newest converter we have.
+    known_ops = {d.operation_type for d in reg if d.domain == ""}
+    for op in sorted(known_ops):
+        versions = sorted(d.version for d in reg if d.domain == "" and d.operation_type == op)
+        for opset in range(versions[-1] + 1, max_opset + 1):
+            try:
+                since = defs.get_schema(op, max_inclusive_version=opset).since_version
+            except Exception:
+                continue
+            desc = OperationDescription("", op, since)
+            if desc in reg or (op, since) in _SPECIAL:
+                continue
+            older = [v for v in versions if v < since]
+            if older:
+                add(op, since, _alias(OperationDescription("", op, older[-1])))
+    _installed = True

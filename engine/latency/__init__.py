@@ -1,0 +1,109 @@
+"""Latency-first pruning: widths that run fast, latency budgets, and never a slower model.
+
+Fewer MACs are not a speedup by themselves. onnxruntime's CPU kernels work on blocks of
+channels (NCHWc blocks of 8/16, GEMM panels of 16): a convolution with 47 output channels
+costs what one with 48 costs, and a depthwise convolution with an odd width can be 2-3x
+slower than one with a width that is a multiple of 8. So this module *measures*:
+
+* **Op timings.** Each Conv/Linear layer becomes a one-node ONNX graph with the layer's real
+  shapes (input size, kernel, stride, groups) at the job's latency batch, timed in
+  onnxruntime (the runtime the report measures): `WARMUP` warm-up runs, then `RUNS` timed
+  runs interleaved across the widths being compared, median. Timings are cached on disk per
+  (op shape, runtime version, execution provider, CPU, threads, batch) in
+  `$PRUNERY_LATENCY_CACHE` (default `$PRUNERY_HOME/cache/latency.json`).
+* **Per-group steps (the "fast set").** For each prunable group of width c, the group's
+  layers (producers with w output channels, consumers with w input channels, depthwise
+  layers with w of both) are timed at 4 widths: c, m (a multiple of the big step S near
+  c/2), m+1 and m+S/2. Time between m and c is close to linear in the width for a kernel
+  without blocking; a width is "fast" when it costs no more than that line (plus noise).
+  The group's step is the smallest of (1, S/2, S) whose probe width is fast: its widths are
+  then multiples of that step. Cost: at most 4 one-op timings per layer and group.
+* **Latency-aware allocation.** The same timings give each group's measured time saved per
+  MAC removed; dividing the removal order's keys by its square root (normalised to the
+  median group, clipped to [1/2, 2]) makes the budget go where it buys the most time.
+* **Latency targets.** `target.latency = F` binary-searches the removal order's prefix
+  against the *measured* latency of the really pruned network, exported to ONNX and timed
+  alternately with the original (median of interleaved runs).
+* **Never slower.** After pruning, the exported network is timed against the original at
+  every reported batch size; if it is slower, the widths are chosen again — first with the
+  coarse step S everywhere, then without the groups whose time hardly falls with width —
+  and the fastest result is kept. The `gates.min_speedup` gate reports what remains.
+
+The package: `ops` (one-op timings, the disk cache), `profiles` (per-group steps and
+weights), `network` (whole-network timing, latency search, never slower), `hooks` (what the
+pipeline calls).
+"""
+
+from engine.latency.hooks import (
+    annotate_layers,
+    attach,
+    confirm_if_slow,
+    meets_budget,
+    metric_words,
+    min_speedup_gate,
+    pairs_below,
+)
+from engine.latency.network import (
+    NetworkTimer,
+    batch_of,
+    ensure_faster,
+    search_latency,
+    slower,
+)
+from engine.latency.ops import (
+    GATE_NOISE,
+    NOISE_ABS_US,
+    NOISE_REL,
+    RUNS,
+    SEARCH_RUNS,
+    SIGN_ALPHA,
+    WARMUP,
+    WEIGHT_MAX,
+    OpSig,
+    OpTimer,
+    default_cache_path,
+    layer_sigs,
+    session,
+    sign_test_p,
+    significantly_below,
+)
+from engine.latency.profiles import (
+    GroupProfile,
+    LatencyProfile,
+    layer_latency,
+    profile,
+)
+
+__all__ = [
+    "GATE_NOISE",
+    "GroupProfile",
+    "LatencyProfile",
+    "NOISE_ABS_US",
+    "NOISE_REL",
+    "NetworkTimer",
+    "OpSig",
+    "OpTimer",
+    "RUNS",
+    "SEARCH_RUNS",
+    "SIGN_ALPHA",
+    "WARMUP",
+    "WEIGHT_MAX",
+    "annotate_layers",
+    "attach",
+    "batch_of",
+    "confirm_if_slow",
+    "default_cache_path",
+    "ensure_faster",
+    "layer_latency",
+    "layer_sigs",
+    "meets_budget",
+    "metric_words",
+    "min_speedup_gate",
+    "pairs_below",
+    "profile",
+    "search_latency",
+    "session",
+    "sign_test_p",
+    "significantly_below",
+    "slower",
+]

@@ -1,0 +1,264 @@
+"""Whole-network timing against the original: latency targets (a search over the
+removal order) and never slower (widths chosen again when the pruned network is slower)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.latency.ops import SEARCH_RUNS, session, significantly_below
+from engine.latency.profiles import LatencyProfile
+
+# ------------------------------------------------------------------ whole-network timing
+
+
+def batch_of(sample: np.ndarray, batch: int) -> np.ndarray:
+    reps = int(math.ceil(batch / len(sample)))
+    return np.concatenate([sample] * reps, axis=0)[:batch]
+
+
+@dataclass
+class NetworkTimer:
+    """Times a torch module, exported to ONNX as the engine exports it, against the original."""
+
+    base: bytes
+    input_name: str
+    sample: np.ndarray
+    example: torch.Tensor
+    opset: int
+    threads: int | None = None
+    runs: int = SEARCH_RUNS
+    exports: int = 0
+
+    def export(self, module: nn.Module) -> bytes:
+        from engine.export import export_onnx
+
+        self.exports += 1
+        return export_onnx(
+            module, self.example, self.opset, input_name=self.input_name
+        ).SerializeToString()
+
+    def pair_ratios(
+        self, module: nn.Module | bytes, batch: int, settle: bool = True
+    ) -> list[float]:
+        """Per-pair time ratios pruned/original over at least `runs` back-to-back pairs
+        (`export.interleaved_latency`: ABBA order, settled and warmed up)."""
+        from engine.export import interleaved_latency
+
+        pruned = module if isinstance(module, bytes) else self.export(module)
+        base, new = interleaved_latency(
+            self.base,
+            pruned,
+            self.input_name,
+            self.input_name,
+            batch_of(self.sample, batch),
+            batch,
+            runs=self.runs,
+            warmup=3,
+            threads=self.threads,
+            settle=settle,
+        )
+        return [b / a for a, b in zip(base.times_ms, new.times_ms, strict=True) if a > 0]
+
+    def ratio(self, module: nn.Module | bytes, batch: int) -> float:
+        """Median pruned/original time ratio (see `pair_ratios`)."""
+        return float(statistics.median(self.pair_ratios(module, batch)))
+
+    def speed_samples(self, module: nn.Module, batches: Sequence[int]) -> dict[int, list[float]]:
+        """Per batch size: the per-pair speedups original/pruned."""
+        pruned = self.export(module)
+        return {
+            b: [1.0 / r for r in self.pair_ratios(pruned, b, settle=i == 0)]
+            for i, b in enumerate(batches)
+        }
+
+    def speedups(self, module: nn.Module, batches: Sequence[int]) -> dict[int, float]:
+        return {
+            b: float(statistics.median(v)) for b, v in self.speed_samples(module, batches).items()
+        }
+
+    def base_ms(self, batch: int) -> float:
+        """Median latency of the original at `batch` (ms)."""
+        sess = session(self.base, self.threads)
+        feed = {self.input_name: batch_of(self.sample, batch)}
+        for _ in range(3):
+            sess.run(None, feed)
+        times = []
+        for _ in range(self.runs):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return 1000.0 * float(statistics.median(times))
+
+
+def search_latency(
+    model: nn.Module,
+    example: torch.Tensor,
+    chunks: Sequence[Any],
+    target: float,
+    batch: int,
+    timer: NetworkTimer,
+    progress: Callable[[float], None] | None = None,
+) -> tuple[nn.Module, dict[str, list[int]], dict[str, Any]]:
+    """Binary search of the removal order's prefix whose *measured* latency (exported ONNX,
+    onnxruntime, interleaved with the original) keeps `target` of the original's."""
+    from engine.budget import BudgetUnreachable, plan_of
+    from engine.graph import prune_copy
+
+    cache: dict[int, tuple[list[float], nn.Module, bytes]] = {}
+    trace: list[tuple[int, float]] = []
+
+    def evaluate(n: int) -> float:
+        if n not in cache:
+            pruned = prune_copy(model, example, plan_of(chunks[:n]))
+            onnx_bytes = timer.export(pruned)
+            cache[n] = ([timer.ratio(onnx_bytes, batch)], pruned, onnx_bytes)
+            trace.append((n, round(cache[n][0][0], 4)))
+            if progress:
+                progress(min(1.0, len(cache) / (math.log2(len(chunks) + 2) + 3)))
+        return statistics.median(cache[n][0])
+
+    lo, hi = 0, len(chunks)
+    if evaluate(hi) > target:
+        raise BudgetUnreachable(
+            f"the target keeps {target:.1%} of the measured latency at batch {batch}, but removing every "
+            f"channel that can be removed safely still keeps {evaluate(hi):.1%}; raise the target, or see "
+            "the excluded layers for what cannot be pruned"
+        )
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if evaluate(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    # Measurements are noisy: both neighbours are timed twice more, and the one whose median
+    # lands closest wins (verify then measures it once more, independently).
+    finalists = [n for n in (lo, hi) if n in cache and n > 0]
+    for n in finalists:
+        for _ in range(2):
+            cache[n][0].append(timer.ratio(cache[n][2], batch))
+    best = min(finalists, key=lambda n: abs(evaluate(n) - target))
+    details = {
+        "allocation_metric": f"measured onnxruntime latency at batch {batch} (median of per-pair ratios)",
+        "evaluations": sum(len(v[0]) for v in cache.values()),
+        "latency_search": [{"chunks": n, "kept": r} for n, r in trace],
+        "kept_latency_search": round(evaluate(best), 4),
+    }
+    return cache[best][1], plan_of(chunks[:best]), details
+
+
+# ------------------------------------------------------------------ never slower
+
+
+def slower(samples: dict[int, list[float]]) -> bool:
+    """Slower than the original at some batch size, beyond noise: the median pair is slower
+    and the sign test says it is not chance."""
+    return any(statistics.median(v) < 1.0 and significantly_below(v, 1.0) for v in samples.values())
+
+
+def _medians(samples: dict[int, list[float]]) -> dict[int, float]:
+    return {b: float(statistics.median(v)) for b, v in samples.items()}
+
+
+# A candidate replaces the best allocation only when its slowest batch size is this much faster.
+BETTER_BY = 0.03
+
+
+def ensure_faster(
+    lat: LatencyProfile,
+    timer: NetworkTimer,
+    rerun: Callable[[], Any],
+    first: Any,
+    module_of: Callable[[Any], nn.Module],
+    batches: Sequence[int],
+    notes: list[str],
+    progress: Callable[[float, str | None], None] | None = None,
+    meets_target: Callable[[Any], bool] = lambda _r: True,
+    floor_ms: float = 0.0,
+    compare: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Time the method's pruned model against the original (exported, interleaved pairs) at
+    every reported batch size (above `floor_ms`, when one is set) and choose its widths by
+    whole-network measurement:
+
+    * `compare` (the method's allocation is cheap to re-run): the other width set — the
+      coarse step S everywhere — is always tried too, and the faster network kept. One-op
+      timings cannot see layout changes *between* layers (a conv whose width leaves
+      onnxruntime's blocked NCHWc layout forces reorders around it), the whole network can.
+    * when the best so far is still slower than the original (sign test over the pairs),
+      the coarse widths (if not tried yet) and then fewer cut groups are tried.
+
+    Returns (result, details)."""
+    if floor_ms > 0:
+        batches = [b for b in batches if timer.base_ms(b) >= floor_ms]
+    if not batches:
+        return first, {
+            "checks": [],
+            "not_judged": f"the original runs under {floor_ms:g} ms at every batch size",
+        }
+    samples = timer.speed_samples(module_of(first), batches)
+
+    def row(label: str, s: dict[int, list[float]]) -> dict[str, Any]:
+        return {
+            "widths": label,
+            "speedup": {str(b): round(v, 3) for b, v in _medians(s).items()},
+            "slower": slower(s),
+        }
+
+    history: list[dict[str, Any]] = [row(lat.mode, samples)]
+    best, best_s, best_cfg = first, samples, (lat.mode, set(lat.skip))
+    if not compare and not slower(samples):
+        return first, {"checks": history}
+
+    def coarse() -> None:
+        lat.mode, lat.skip = "coarse", set()
+
+    def fewer_cuts() -> None:
+        # Leave uncut the groups whose measured time falls least per MAC removed.
+        lat.mode = best_cfg[0] if best_cfg[0] != "fine" else "measured"
+        ranked = sorted(lat.groups.values(), key=lambda g: g.weight)
+        lat.skip = {g.name for g in ranked[: max(1, len(ranked) // 3)] if g.weight < 1.0}
+
+    attempts: list[tuple[str, Callable[[], None]]] = []
+    if lat.mode != "coarse":
+        attempts.append(("coarse", coarse))
+    attempts.append(("fewer cut layers", fewer_cuts))
+    for label, change in attempts:
+        if label == "fewer cut layers" and not slower(best_s):
+            break
+        change()
+        if progress:
+            why = (
+                "comparing" if not slower(best_s) else "pruned model measured slower; retrying with"
+            )
+            progress(0.9, f"{why} {label} widths (whole exported network, onnxruntime)")
+        try:
+            candidate = rerun()
+        except Exception as exc:  # e.g. the budget is unreachable without those groups
+            history.append({"widths": label, "error": str(exc).splitlines()[0][:200]})
+            continue
+        if not meets_target(candidate):
+            history.append({"widths": label, "error": "misses the budget's tolerance"})
+            continue
+        cand_s = timer.speed_samples(module_of(candidate), batches)
+        history.append(row(lat.mode if label == "coarse" else label, cand_s))
+        if min(_medians(cand_s).values()) > (1.0 + BETTER_BY) * min(_medians(best_s).values()):
+            best, best_s, best_cfg = candidate, cand_s, (lat.mode, set(lat.skip))
+    lat.mode, lat.skip = best_cfg
+    if best is not first:
+        first_txt = ", ".join(f"batch {b} {s:.2f}x" for b, s in _medians(samples).items())
+        best_txt = ", ".join(f"batch {b} {s:.2f}x" for b, s in _medians(best_s).items())
+        notes.append(
+            f"widths chosen by whole-network timing: the first allocation measured {first_txt} against "
+            f"the original; {', '.join(str(h['widths']) for h in history[1:])} tried, and the fastest "
+            f"kept ({best_txt}; medians of at least {timer.runs} interleaved pairs)"
+        )
+    return best, {"checks": history, "kept": best_cfg[0]}

@@ -1,0 +1,150 @@
+"""The pipeline's middle stages: prune (the method, then the never-slower re-choosing) and
+recover (fine-tune, scratch, distillation)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import export as export_mod
+from engine import latency as latency_mod
+from engine import load, progressive, recovery, train
+from engine.flops import Costs, torch_costs
+from engine.method import MethodResult, PruneContext
+from engine.prepare import Prepared, dynamic_batch
+from engine.tracker import StageProgress
+
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass
+class Pruned:
+    """The prune stage's output."""
+
+    ctx: PruneContext
+    result: MethodResult
+    model: torch.nn.Module  # on the CPU, in eval mode
+    costs: Costs
+    speed_checks: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recovered:
+    """The recover stage's output."""
+
+    model: torch.nn.Module  # on the CPU, in eval mode
+    mode: str  # the recovery mode used: "none", "finetune" or "scratch"
+    epochs: float
+    curve: list[float]  # the recovery loss per epoch
+    distill: dict[str, Any] | None
+    measured: dict[str, Any]  # the method's post-recovery measurements
+
+
+# Re-run a method's allocation with the other width set only when its first run took at most
+# this long (seconds): the comparison then costs a few seconds, not a second training.
+COMPARE_RERUN_S = 30.0
+
+
+def timing_baseline(loaded: load.LoadedModel, x32: np.ndarray, opset: int) -> bytes:
+    """The original as verify times it (dynamic batch), built before pruning for latency search."""
+    base = dynamic_batch(loaded.onnx_model).SerializeToString()
+    try:
+        load.ort_session(base).run(None, {loaded.input_name: x32})
+        return base
+    except Exception:
+        return export_mod.export_onnx(
+            loaded.module, torch.from_numpy(x32[:1]), opset, input_name=loaded.input_name
+        ).SerializeToString()
+
+
+def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | None = None) -> Pruned:
+    """Run the method (progressively when the schedule asks), then, when widths were chosen
+    by measured latency, re-choose until the pruned network is not slower than the original."""
+    spec, example = prep.spec, prep.example
+    ctx = prep.context(progress)
+    x32 = prep.data.x_test[:32].numpy()
+    latency_mod.attach(
+        ctx,
+        timing_baseline(prep.loaded.model, x32, spec.export.opset),
+        prep.loaded.model.input_name,
+        x32,
+        latency_threads,
+        progress,
+    )
+    t0 = time.perf_counter()
+    result: MethodResult = progressive.run(prep.method, ctx, prep.info.name)
+    method_seconds = time.perf_counter() - t0
+    speed_checks: dict[str, Any] = {}
+    if ctx.latency is not None and not result.dynamic and spec.target.kind != "layers":
+        result, speed_checks = latency_mod.ensure_faster(
+            ctx.latency,
+            ctx.latency_timer,
+            lambda: prep.method.run(ctx),
+            result,
+            lambda r: r.model.cpu().eval(),
+            LATENCY_BATCHES,
+            prep.notes,
+            progress,
+            meets_target=lambda r: latency_mod.meets_budget(
+                spec.target, torch_costs(r.model.cpu().eval(), example), prep.base_costs
+            ),
+            floor_ms=spec.gates.min_speedup_floor_ms,
+            # The other width set is always timed when the method's allocation is cheap to
+            # re-run; a method that trains (slimming, ANP, TAS…) re-runs only when slower.
+            compare=method_seconds <= COMPARE_RERUN_S,
+        )
+        speed_checks["method_seconds"] = round(method_seconds, 2)
+    model = result.model.cpu().eval()
+    prep.notes.extend(result.notes)
+    return Pruned(ctx, result, model, torch_costs(model, example), speed_checks)
+
+
+def _epoch_message(epochs: float) -> Any:
+    def message(s: int, total: int, loss: float) -> str:
+        done = 1 + int((s - 1) * math.ceil(epochs) // total)
+        return f"epoch {done}/{math.ceil(epochs)} loss {loss:.4f}"
+
+    return message
+
+
+def recover(prep: Prepared, pruned: Pruned, progress: StageProgress) -> Recovered:
+    """Fine-tune (or re-initialise and train: scratch, Scratch-B scaling the epochs by the
+    MACs saved) with the spec's and the method's distillation and extra losses."""
+    spec, result, model = prep.spec, pruned.result, pruned.model
+    rec = spec.recovery
+    mode = "scratch" if result.recovery == "scratch" and rec.mode != "none" else rec.mode
+    epochs: float = rec.epochs if result.recovery_epochs is None else result.recovery_epochs
+    if mode == "scratch":
+        if rec.epochs_mode == "B":
+            epochs = int(math.ceil(rec.epochs * prep.base_costs.macs / max(pruned.costs.macs, 1)))
+        train.reinitialize(model, spec.seed)
+    curve: list[float] = []
+    kd = recovery.distillation(spec, result.distill) if mode != "none" else None
+    extra = recovery.combine(
+        recovery.distill_loss(prep.module, kd, prep.device), result.recovery_extra_loss
+    )
+    if kd:
+        prep.notes.append(
+            f"recovery distilled from the original model's logits (alpha {kd['alpha']}, T {kd['temperature']}, from {kd['source']})"
+        )
+    if mode != "none" and epochs > 0:
+        message = _epoch_message(epochs)
+        curve = recovery.train_epochs(
+            pruned.ctx,
+            model,
+            epochs,
+            lr=rec.lr,
+            extra_loss=extra,
+            on_step=lambda s, total, loss: progress(s / total, message(s, total, loss)),
+        )
+    model = model.cpu().eval()
+    measured: dict[str, Any] = {}
+    if result.post_recovery is not None:
+        measured = dict(result.post_recovery(prep.module, model, prep.data))
+        model = model.cpu().eval()
+    return Recovered(model, mode, epochs, curve, kd, measured)
