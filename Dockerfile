@@ -11,10 +11,14 @@ WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml ./
 COPY app ./app
-COPY workers ./workers
+COPY core ./core
+COPY worker ./worker
+COPY engine ./engine
+COPY methods ./methods
+COPY server_cli ./server_cli
 COPY sdk ./sdk
 COPY migrations ./migrations
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels ./sdk .
 
 # ---------------------------------------------------------------- shared runtime base
 FROM python:${PYTHON_VERSION}-slim AS runtime
@@ -28,7 +32,7 @@ WORKDIR /srv
 # ---------------------------------------------------------------- api: no torch
 FROM runtime AS api
 COPY --from=build /wheels /wheels
-RUN pip install "$(ls /wheels/prunery_server-*.whl)[api]" && rm -rf /wheels \
+RUN pip install "$(ls /wheels/prunery-*.whl)" "$(ls /wheels/prunery_server-*.whl)[api]" && rm -rf /wheels \
     && python -c "import app.main, sys; assert 'torch' not in sys.modules"
 USER prunery
 EXPOSE 8000
@@ -42,10 +46,10 @@ FROM runtime AS worker
 # CUDA builds of torch/torchvision; the engine picks the GPU when one is visible.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 COPY --from=build /wheels /wheels
-RUN pip install --extra-index-url "${TORCH_INDEX}" "$(ls /wheels/prunery_server-*.whl)[worker]" \
+RUN pip install --extra-index-url "${TORCH_INDEX}" "$(ls /wheels/prunery-*.whl)" "$(ls /wheels/prunery_server-*.whl)[worker]" \
     && rm -rf /wheels \
-    && python -c "import importlib; from workers.methods import catalog; \
+    && python -c "import importlib; from methods import catalog; \
 [getattr(importlib.import_module(m.implementation.split(':')[0]), m.implementation.split(':')[1]) for m in catalog.list_methods()]"
 USER prunery
 # One process per GPU; scale out with more worker containers.
-CMD ["celery", "-A", "workers.celery_app", "worker", "-Q", "gpu", "-c", "1", "--loglevel", "INFO"]
+CMD ["celery", "-A", "worker.celery_app", "worker", "-Q", "gpu", "-c", "1", "--loglevel", "INFO"]

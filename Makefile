@@ -9,13 +9,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-full test-gpu test-engine test-service test-schemathesis lint bench bench-engine bench-service clean
+.PHONY: setup browser demo test test-fast test-full test-gpu test-engine test-service test-schemathesis lint fmt typecheck contracts check bench bench-engine bench-service clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ./sdk
 	$(PY) -m pip install --quiet -e ".[dev]"
 	$(MAKE) browser
 	touch $(STAMP)
@@ -32,6 +33,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The tier to run every few minutes (< 3 min, no Postgres/Redis): every method's mechanism
+# once on tiny models (known answers), the job lifecycle on SQLite, the registry, the CLI.
+FAST_TESTS := tests/core tests/test_registry.py tests/test_device_placement.py \
+	tests/methods/test_known_answers.py tests/robust/test_mechanisms.py tests/learned/test_tas.py \
+	tests/learned/test_pruning_from_scratch.py tests/lm/test_flop.py \
+	tests/engine/test_engine_known_answers.py tests/engine/test_torch_compat.py \
+	tests/engine/test_uneven_cut.py tests/engine/test_accuracy_defaults.py tests/engine/test_sweep.py \
+	tests/test_cli_newcomer.py tests/test_ci_output_and_signatures.py
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not service and not gpu and not schemathesis" $(FAST_TESTS)
 
 # Every method over every zoo model (the default runs the method tiers on one model per family).
 test-full: $(STAMP)
@@ -51,14 +63,29 @@ test-service: $(STAMP)
 test-schemathesis: $(STAMP)
 	PRUNERY_SCHEMATHESIS_EXAMPLES=200 $(PY) -m pytest -q -m schemathesis tests/api
 
+# Static checks (CI runs all of them before the tests): lint, one format, import contracts, types.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The layout is the architecture: app/worker/engine/methods/SDK boundaries (pyproject.toml).
+contracts: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint contracts typecheck
 
 bench-engine: $(STAMP)
-	$(PY) benchmarks/engine.py
+	$(PY) -m benchmarks.engine
 
 bench-service: $(STAMP)
-	$(PY) benchmarks/service.py
+	$(PY) -m benchmarks.service
 
 bench: bench-engine bench-service
 

@@ -1,8 +1,11 @@
 """Abuse benchmark: a real uvicorn API and a real Celery worker against the real Postgres and
 Redis (loopback only, bounded in time), with every limit at its production default.
 
+Over 400 lines on purpose: one script, one scenario function per abuse (slow clients, bombs,
+queue churn, hostile set) printed as one table; splitting it would only spread the table.
+
     PYTHONPATH=$PWD:$PWD/sdk flock /tmp/prunery-service.lock \\
-        python benchmarks/abuse.py [--stalled 60] [--streams 100] [--churn 200]
+        python -m benchmarks.abuse [--stalled 60] [--streams 100] [--churn 200]
 
 Prints one table:
 * other tenants' GET latency (p50/p99) while `--stalled` uploads stall mid-body and `--streams`
@@ -35,7 +38,12 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "sdk"), str(REPO / "tests" / "service"), str(REPO / "tests" / "api")]
+sys.path[:0] = [
+    str(REPO),
+    str(REPO / "sdk"),
+    str(REPO / "tests" / "service"),
+    str(REPO / "tests" / "api"),
+]
 
 import hostile  # noqa: E402
 import httpx  # noqa: E402
@@ -117,10 +125,26 @@ def hostile_requests(key: str, job_id: str) -> list[tuple[str, str, dict]]:  # t
     reqs: list[tuple[str, str, dict]] = [  # type: ignore[type-arg]
         ("GET", "/v1/models", {"headers": h, "params": {"offset": big}}),
         ("GET", "/v1/jobs", {"headers": h, "params": {"offset": big, "limit": 1}}),
-        ("GET", f"/v1/jobs/{job_id}/events", {"headers": {**h, "Accept": "application/json"}, "params": {"after": big}}),
-        ("GET", f"/v1/jobs/{job_id}/events", {"headers": {**h, "Accept": "application/json", "Last-Event-ID": big}}),
-        ("GET", f"/v1/jobs/{job_id}/events", {"headers": {**h, "Accept": "application/json", "Last-Event-ID": "9" * 5000}}),
-        ("GET", f"/v1/jobs/{job_id}/events", {"headers": {**h, "Accept": "application/json", "Last-Event-ID": "١٢".encode()}}),
+        (
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            {"headers": {**h, "Accept": "application/json"}, "params": {"after": big}},
+        ),
+        (
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            {"headers": {**h, "Accept": "application/json", "Last-Event-ID": big}},
+        ),
+        (
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            {"headers": {**h, "Accept": "application/json", "Last-Event-ID": "9" * 5000}},
+        ),
+        (
+            "GET",
+            f"/v1/jobs/{job_id}/events",
+            {"headers": {**h, "Accept": "application/json", "Last-Event-ID": "١٢".encode()}},
+        ),
         ("GET", "/v1/jobs/job_%00", {"headers": h}),
         ("GET", "/v1/models/%00", {"headers": h}),
         ("DELETE", "/v1/datasets/a%00", {"headers": h}),
@@ -129,7 +153,12 @@ def hostile_requests(key: str, job_id: str) -> list[tuple[str, str, dict]]:  # t
         ("FROBNICATE", "/v1/models", {"headers": h}),
         ("GET", "/" + "a" * 5000, {}),
     ]
-    spec = {"model_id": "mdl_x", "dataset_id": "ds_x", "method": {"name": "l1_norm"}, "target": {"flops": 0.5}}
+    spec = {
+        "model_id": "mdl_x",
+        "dataset_id": "ds_x",
+        "method": {"name": "l1_norm"},
+        "target": {"flops": 0.5},
+    }
     jh = {**h, "Content-Type": "application/json"}
     for body in (
         json.dumps({**spec, "model_id": "a\u0000"}),
@@ -138,7 +167,9 @@ def hostile_requests(key: str, job_id: str) -> list[tuple[str, str, dict]]:  # t
         json.dumps({**spec, "data": {"image_size": [0, 0]}}),
         json.dumps({**spec, "data": {"image_size": [-5, 3]}}),
         json.dumps({**spec, "data": {"image_size": [10**9, 10**9]}}),
-        json.dumps({**spec, "method": {"name": "l1_norm", "params": {"a": 1e400}}}).replace("inf", "Infinity"),
+        json.dumps({**spec, "method": {"name": "l1_norm", "params": {"a": 1e400}}}).replace(
+            "inf", "Infinity"
+        ),
         json.dumps({**spec, "seed": 2**70}),
         "[" * 10_000 + "]" * 10_000,
         "{" + '"a":' * 1000,
@@ -151,12 +182,22 @@ def hostile_requests(key: str, job_id: str) -> list[tuple[str, str, dict]]:  # t
             "/v1/models",
             {
                 "headers": {**h, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-                "content": f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n\r\nx\r\n--{boundary}--\r\n".encode(),
+                "content": f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n\r\nx\r\n--{boundary}--\r\n'.encode(),
             },
         )
     )
     for size in ("0,0", "-1,-1", "100000,100000"):
-        reqs.append(("POST", "/v1/datasets", {"headers": h, "files": {"file": ("i.zip", hostile.tiny_png_zip())}, "data": {"image_size": size}}))
+        reqs.append(
+            (
+                "POST",
+                "/v1/datasets",
+                {
+                    "headers": h,
+                    "files": {"file": ("i.zip", hostile.tiny_png_zip())},
+                    "data": {"image_size": size},
+                },
+            )
+        )
     return reqs
 
 
@@ -167,7 +208,7 @@ async def stalled_upload(port: int, key: str) -> tuple[asyncio.StreamReader, asy
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     boundary = uuid.uuid4().hex
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n"
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n"
     ).encode()
     writer.write(
@@ -183,7 +224,9 @@ async def stalled_upload(port: int, key: str) -> tuple[asyncio.StreamReader, asy
     return reader, writer
 
 
-async def open_stream(client: httpx.AsyncClient, key: str, job_id: str, opened: list, stop: asyncio.Event) -> None:  # type: ignore[type-arg]
+async def open_stream(
+    client: httpx.AsyncClient, key: str, job_id: str, opened: list, stop: asyncio.Event
+) -> None:  # type: ignore[type-arg]
     try:
         async with client.stream(
             "GET",
@@ -200,7 +243,9 @@ async def open_stream(client: httpx.AsyncClient, key: str, job_id: str, opened: 
         return
 
 
-async def slow_clients_phase(stack, attackers: list[dict], victim: dict, n_uploads: int, n_streams: int) -> dict:  # type: ignore[no-untyped-def, type-arg]
+async def slow_clients_phase(
+    stack, attackers: list[dict], victim: dict, n_uploads: int, n_streams: int
+) -> dict:  # type: ignore[no-untyped-def, type-arg]
     sockets = []
     for i in range(n_uploads):
         sockets.append(await stalled_upload(stack.port, attackers[i % len(attackers)]["key"]))
@@ -210,7 +255,13 @@ async def slow_clients_phase(stack, attackers: list[dict], victim: dict, n_uploa
     async with httpx.AsyncClient(base_url=stack.url, timeout=60, limits=limits) as client:
         tasks = [
             asyncio.create_task(
-                open_stream(client, attackers[i % len(attackers)]["key"], attackers[i % len(attackers)]["job"], opened, stop)
+                open_stream(
+                    client,
+                    attackers[i % len(attackers)]["key"],
+                    attackers[i % len(attackers)]["job"],
+                    opened,
+                    stop,
+                )
             )
             for i in range(n_streams)
         ]
@@ -229,7 +280,9 @@ async def slow_clients_phase(stack, attackers: list[dict], victim: dict, n_uploa
         async with httpx.AsyncClient(base_url=stack.url, timeout=60) as victim_client:
             for _ in range(200):
                 t0 = time.perf_counter()
-                r = await victim_client.get("/v1/models", headers={"Authorization": f"Bearer {victim['key']}"})
+                r = await victim_client.get(
+                    "/v1/models", headers={"Authorization": f"Bearer {victim['key']}"}
+                )
                 latencies.append(time.perf_counter() - t0)
                 codes[r.status_code] = codes.get(r.status_code, 0) + 1
         db_held = 0
@@ -270,8 +323,8 @@ def servicekit_idle_in_transaction() -> int:
 
 
 def make_tenant(factory, name: str) -> str:  # type: ignore[no-untyped-def]
-    from app.db import transaction
     from app.security import create_api_key, create_tenant
+    from core.db import transaction
 
     with transaction(factory) as s:
         tenant = create_tenant(s, f"{name}-{uuid.uuid4().hex[:6]}")
@@ -280,16 +333,23 @@ def make_tenant(factory, name: str) -> str:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--stalled", type=int, default=60)
     ap.add_argument("--streams", type=int, default=100)
     ap.add_argument("--churn", type=int, default=200)
-    ap.add_argument("--cancel-nodes", type=int, default=6000, help="elementwise nodes of the model whose load is cancelled")
+    ap.add_argument(
+        "--cancel-nodes",
+        type=int,
+        default=6000,
+        help="elementwise nodes of the model whose load is cancelled",
+    )
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    from app.config import Settings
-    from app.db import make_engine, make_sessionmaker, migrate
+    from core.db import make_engine, make_sessionmaker, migrate
+    from core.settings import Settings
 
     root = Path(f"/tmp/prunery-abuse-{os.getpid()}")
     root.mkdir()
@@ -324,40 +384,87 @@ def main() -> None:
 
         def upload(key: str) -> tuple[str, str]:
             h = {"Authorization": f"Bearer {key}"}
-            m = c.post("/v1/models", headers=h, files={"file": ("d.onnx", (root / "digits.onnx").read_bytes())})
-            d = c.post("/v1/datasets", headers=h, files={"file": ("d.npz", (root / "digits.npz").read_bytes())})
+            m = c.post(
+                "/v1/models",
+                headers=h,
+                files={"file": ("d.onnx", (root / "digits.onnx").read_bytes())},
+            )
+            d = c.post(
+                "/v1/datasets",
+                headers=h,
+                files={"file": ("d.npz", (root / "digits.npz").read_bytes())},
+            )
             assert m.status_code == 201 and d.status_code == 201, (m.text, d.text)
             return m.json()["id"], d.json()["id"]
 
         def spec(m: str, d: str) -> dict:  # type: ignore[type-arg]
-            return {"model_id": m, "dataset_id": d, "method": {"name": "l1_norm"},
-                    "target": {"flops": 0.5}, "recovery": {"epochs": 1}}
+            return {
+                "model_id": m,
+                "dataset_id": d,
+                "method": {"name": "l1_norm"},
+                "target": {"flops": 0.5},
+                "recovery": {"epochs": 1},
+            }
 
         # --- bombs
         rss0 = rss_mb(api_pid)
         bomb_codes = {}
         for label, (name, data) in bombs().items():
-            r = c.post("/v1/datasets", headers={"Authorization": f"Bearer {victim['key']}"}, files={"file": (name, data)})
+            r = c.post(
+                "/v1/datasets",
+                headers={"Authorization": f"Bearer {victim['key']}"},
+                files={"file": (name, data)},
+            )
             bomb_codes[label] = r.status_code
         peak = peak_rss_mb(api_pid)
-        rows.append(("API RSS before bombs / peak after bombs", f"{rss0:.0f} MB / {peak:.0f} MB", "< 400 MB"))
+        rows.append(
+            (
+                "API RSS before bombs / peak after bombs",
+                f"{rss0:.0f} MB / {peak:.0f} MB",
+                "< 400 MB",
+            )
+        )
         rows.append(("bomb answers", ", ".join(f"{k}: {v}" for k, v in bomb_codes.items()), "4xx"))
 
         # --- slow clients (no worker yet: the attackers' jobs stay queued)
         for a in attackers:
             m, d = upload(a["key"])
-            a["job"] = c.post("/v1/jobs", headers={"Authorization": f"Bearer {a['key']}"}, json=spec(m, d)).json()["id"]
+            a["job"] = c.post(
+                "/v1/jobs", headers={"Authorization": f"Bearer {a['key']}"}, json=spec(m, d)
+            ).json()["id"]
         res = asyncio.run(slow_clients_phase(stack, attackers, victim, args.stalled, args.streams))
-        rows.append((
-            f"victim GET /v1/models p50 / p99 ({args.stalled} stalled uploads, {args.streams} streams)",
-            f"{res['p50'] * 1000:.0f} ms / {res['p99'] * 1000:.0f} ms",
-            "p99 < 1 s",
-        ))
+        rows.append(
+            (
+                f"victim GET /v1/models p50 / p99 ({args.stalled} stalled uploads, {args.streams} streams)",
+                f"{res['p50'] * 1000:.0f} ms / {res['p99'] * 1000:.0f} ms",
+                "p99 < 1 s",
+            )
+        )
         rows.append(("victim status codes", str(res["victim_codes"]), "all 200"))
-        rows.append(("uploads held open / refused 429 (cap 4 per tenant)", f"{res['uploads_open']} / {res['uploads_429']}", ""))
-        rows.append(("streams open / refused 429 (cap 20 per tenant)", f"{res['streams_open']} / {res['streams_429']}", ""))
-        rows.append(("this API's connections idle in transaction > 1 s (max of 5 samples)", str(res["idle_in_transaction"]), "0"))
-        rows.append(("API peak RSS after slow clients", f"{peak_rss_mb(api_pid):.0f} MB", "< 400 MB"))
+        rows.append(
+            (
+                "uploads held open / refused 429 (cap 4 per tenant)",
+                f"{res['uploads_open']} / {res['uploads_429']}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "streams open / refused 429 (cap 20 per tenant)",
+                f"{res['streams_open']} / {res['streams_429']}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "this API's connections idle in transaction > 1 s (max of 5 samples)",
+                str(res["idle_in_transaction"]),
+                "0",
+            )
+        )
+        rows.append(
+            ("API peak RSS after slow clients", f"{peak_rss_mb(api_pid):.0f} MB", "< 400 MB")
+        )
 
         # --- queue churn: a second API process without the queued-jobs cap
         churn_env = {**env, "PRUNERY_MAX_QUEUED_JOBS_PER_TENANT": "0"}
@@ -392,15 +499,31 @@ def main() -> None:
         def ts(v: str) -> float:
             return datetime.fromisoformat(v).timestamp()
 
-        delay = ts(job["started_at"]) - ts(job["created_at"]) if job.get("started_at") else float("nan")
-        duration = ts(job["finished_at"]) - ts(job["started_at"]) if job.get("finished_at") and job.get("started_at") else float("nan")
+        delay = (
+            ts(job["started_at"]) - ts(job["created_at"]) if job.get("started_at") else float("nan")
+        )
+        duration = (
+            ts(job["finished_at"]) - ts(job["started_at"])
+            if job.get("finished_at") and job.get("started_at")
+            else float("nan")
+        )
         rows.append((f"tenant A churn: {accepted} submit+cancel in", f"{churn_s:.1f} s", ""))
-        rows.append(("tenant B queue delay (submit → running) / its job's duration", f"{delay:.1f} s / {duration:.1f} s ({job['status']})", "delay < one job"))
+        rows.append(
+            (
+                "tenant B queue delay (submit → running) / its job's duration",
+                f"{delay:.1f} s / {duration:.1f} s ({job['status']})",
+                "delay < one job",
+            )
+        )
         churn_api.stop()
 
         # --- a cancel during a stage that never checks (a long, silent model load)
         hostile.chain_model(root / "chain.onnx", args.cancel_nodes)
-        mc = c.post("/v1/models", headers=hb, files={"file": ("chain.onnx", (root / "chain.onnx").read_bytes())})
+        mc = c.post(
+            "/v1/models",
+            headers=hb,
+            files={"file": ("chain.onnx", (root / "chain.onnx").read_bytes())},
+        )
         assert mc.status_code == 201, mc.text
         job = c.post("/v1/jobs", headers=hb, json=spec(mc.json()["id"], db)).json()
         deadline = time.monotonic() + 300
@@ -410,16 +533,22 @@ def main() -> None:
         time.sleep(3.0)
         t0 = time.monotonic()
         c.post(f"/v1/jobs/{job['id']}/cancel", headers=hb)
-        while (state := c.get(f"/v1/jobs/{job['id']}", headers=hb).json())["status"] not in ("cancelled", "failed", "succeeded"):
+        while (state := c.get(f"/v1/jobs/{job['id']}", headers=hb).json())["status"] not in (
+            "cancelled",
+            "failed",
+            "succeeded",
+        ):
             assert time.monotonic() - t0 < 300, "the cancel never landed"
             time.sleep(0.2)
         landed = time.monotonic() - t0
         bound = settings.heartbeat_interval_s + settings.cancel_grace_s
-        rows.append((
-            f"cancel during a silent {args.cancel_nodes}-node load: until {state['status']}",
-            f"{landed:.1f} s (bound {bound:g} s = heartbeat + grace)",
-            "< 30 s",
-        ))
+        rows.append(
+            (
+                f"cancel during a silent {args.cancel_nodes}-node load: until {state['status']}",
+                f"{landed:.1f} s (bound {bound:g} s = heartbeat + grace)",
+                "< 30 s",
+            )
+        )
 
         # --- hostile set
         fivexx = 0
@@ -436,11 +565,23 @@ def main() -> None:
             fivexx += code >= 500
         for name, data in bombs().values():
             total += 1
-            code = c.post("/v1/datasets", headers={"Authorization": f"Bearer {victim['key']}"}, files={"file": (name, data)}).status_code
+            code = c.post(
+                "/v1/datasets",
+                headers={"Authorization": f"Bearer {victim['key']}"},
+                files={"file": (name, data)},
+            ).status_code
             statuses[code] = statuses.get(code, 0) + 1
             fivexx += code >= 500
-        rows.append((f"5xx from the hostile set ({total} requests)", f"{fivexx}  {dict(sorted(statuses.items()))}", "0"))
-        rows.append(("API peak RSS over the whole run", f"{peak_rss_mb(api_pid):.0f} MB", "< 400 MB"))
+        rows.append(
+            (
+                f"5xx from the hostile set ({total} requests)",
+                f"{fivexx}  {dict(sorted(statuses.items()))}",
+                "0",
+            )
+        )
+        rows.append(
+            ("API peak RSS over the whole run", f"{peak_rss_mb(api_pid):.0f} MB", "< 400 MB")
+        )
     finally:
         stack.stop()
         engine.dispose()

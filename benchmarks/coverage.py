@@ -1,7 +1,7 @@
 """Coverage: does every torchvision classification model prune? One row per model and exporter.
 
-    .venv/bin/python benchmarks/coverage.py [--models resnet18,shufflenet_v2_x0_5] [--exporters legacy,dynamo]
-                                            [--size 64] [--timeout 600] [--max-params 100] [--runs 20]
+    .venv/bin/python -m benchmarks.coverage [--models resnet18,shufflenet_v2_x0_5] [--exporters legacy,dynamo]
+                                              [--size 64] [--timeout 600] [--max-params 100] [--runs 20]
 
 For each model that torchvision builds offline (random init, 10 classes) and each exporter
 (`torch.onnx.export(dynamo=False, opset 17)` and the dynamo exporter), a child process exports
@@ -33,14 +33,13 @@ def _child(name: str, exporter: str, size: int, runs: int) -> dict:
     import warnings
 
     warnings.simplefilter("ignore")
-    sys.path[:0] = [str(ROOT), str(ROOT / "sdk"), str(ROOT / "tests" / "engine")]
     import torch
 
     torch.set_num_threads(int(os.environ.get("COVERAGE_THREADS", "2")))
-    import cnnkit
-
+    from engine import run
+    from methods import registry
     from prunery.spec import JobSpec
-    from workers.engine import run
+    from tests.engine import cnnkit
 
     row: dict = {"model": name, "exporter": exporter, "loads": False}
     seen = {"stage": "export", "groups": None}
@@ -57,8 +56,18 @@ def _child(name: str, exporter: str, size: int, runs: int) -> dict:
             row["export_s"] = round(time.perf_counter() - t0, 1)
             seen["stage"] = "load"
             data = cnnkit.image_npz(Path(d) / "d.npz", size, train=32, test=32)
-            spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"})
-            report = run(spec, path, data, Path(d) / "out", progress=progress, latency_runs=runs)
+            spec = JobSpec(
+                method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"}
+            )
+            report = run(
+                spec,
+                path,
+                data,
+                Path(d) / "out",
+                progress=progress,
+                latency_runs=runs,
+                catalog=registry,
+            )
             row.update(
                 loads=True,
                 achieved=report.target.achieved,
@@ -71,7 +80,9 @@ def _child(name: str, exporter: str, size: int, runs: int) -> dict:
             )
         except Exception as exc:
             row["loads"] = seen["stage"] not in ("export", "load")
-            row["error"] = f"{seen['stage']}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            row["error"] = (
+                f"{seen['stage']}: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            )
         if seen["groups"]:
             row["groups"] = seen["groups"].split(" prunable")[0]
     row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)
@@ -103,7 +114,11 @@ def _fmt(row: dict) -> str:
         return f"| {row['model']} | {row['exporter']} | - | - | - | - | - | - | skipped: {row['skipped']} |"
     loads = "yes" if row.get("loads") else "no"
     groups = f"{row.get('groups', '?')} / {row.get('excluded', '?')}"
-    achieved = f"{row['achieved']:.4f}" + ("" if row.get("met") else " (miss)") if "achieved" in row else "-"
+    achieved = (
+        f"{row['achieved']:.4f}" + ("" if row.get("met") else " (miss)")
+        if "achieved" in row
+        else "-"
+    )
     analyse = f"{row['analyse_s']:.1f}" if row.get("analyse_s") is not None else "-"
     rss = f"{row['peak_rss_gb']:.2f}" if "peak_rss_gb" in row else "-"
     speed = " / ".join(f"{s:.2f}" for s in row.get("speedup", [])) or "-"
@@ -113,12 +128,21 @@ def _fmt(row: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", help="comma-separated torchvision names (default: every classification model)")
+    p.add_argument(
+        "--models", help="comma-separated torchvision names (default: every classification model)"
+    )
     p.add_argument("--exporters", default="legacy,dynamo")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--timeout", type=int, default=600, help="seconds per model and exporter")
-    p.add_argument("--max-params", type=float, default=100.0, help="skip models above this many million parameters unless named in --models")
-    p.add_argument("--runs", type=int, default=20, help="onnxruntime timing runs per batch size (>= 20)")
+    p.add_argument(
+        "--max-params",
+        type=float,
+        default=100.0,
+        help="skip models above this many million parameters unless named in --models",
+    )
+    p.add_argument(
+        "--runs", type=int, default=20, help="onnxruntime timing runs per batch size (>= 20)"
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -126,30 +150,73 @@ def main() -> int:
         print("ROW " + json.dumps(_child(name, exporter, args.size, args.runs)), flush=True)
         return 0
     exporters = [e.strip() for e in args.exporters.split(",")]
-    print(f"`python benchmarks/coverage.py {' '.join(sys.argv[1:])}` — size {args.size}, l1_norm, flops 0.5, recovery none\n")
-    print("| model | exporter | loads? | groups prunable / excluded | achieved | analyse s | peak RSS GB | speedup b1 / b32 | note |")
+    print(
+        f"`python benchmarks/coverage.py {' '.join(sys.argv[1:])}` — size {args.size}, l1_norm, flops 0.5, recovery none\n"
+    )
+    print(
+        "| model | exporter | loads? | groups prunable / excluded | achieved | analyse s | peak RSS GB | speedup b1 / b32 | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "sdk")])}
     for name in _models(args.models):
         try:
             size_m = _params_millions(name)
         except Exception as exc:
-            print(_fmt({"model": name, "exporter": "-", "skipped": f"does not build offline ({type(exc).__name__})"}), flush=True)
+            print(
+                _fmt(
+                    {
+                        "model": name,
+                        "exporter": "-",
+                        "skipped": f"does not build offline ({type(exc).__name__})",
+                    }
+                ),
+                flush=True,
+            )
             continue
         for exporter in exporters:
             if not args.models and size_m > args.max_params:
-                print(_fmt({"model": name, "exporter": exporter, "skipped": f"{size_m:.0f} M parameters > --max-params"}), flush=True)
+                print(
+                    _fmt(
+                        {
+                            "model": name,
+                            "exporter": exporter,
+                            "skipped": f"{size_m:.0f} M parameters > --max-params",
+                        }
+                    ),
+                    flush=True,
+                )
                 continue
-            cmd = [sys.executable, __file__, "--one", f"{name}:{exporter}", "--size", str(args.size), "--runs", str(args.runs)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.coverage",
+                "--one",
+                f"{name}:{exporter}",
+                "--size",
+                str(args.size),
+                "--runs",
+                str(args.runs),
+            ]
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT
+                )
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
-                row = json.loads(line[4:]) if line else {
-                    "model": name, "exporter": exporter,
-                    "error": f"child exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:160]}",
-                }
+                row = (
+                    json.loads(line[4:])
+                    if line
+                    else {
+                        "model": name,
+                        "exporter": exporter,
+                        "error": f"child exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:160]}",
+                    }
+                )
             except subprocess.TimeoutExpired:
-                row = {"model": name, "exporter": exporter, "error": f"killed after {args.timeout} s"}
+                row = {
+                    "model": name,
+                    "exporter": exporter,
+                    "error": f"killed after {args.timeout} s",
+                }
             print(_fmt(row), flush=True)
     return 0
 

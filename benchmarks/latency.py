@@ -1,7 +1,7 @@
 """Benchmark: does pruning buy real speed? Default (measured) widths vs round_to=1 vs
 Torch-Pruning used directly, and `target.latency`.
 
-    .venv/bin/python benchmarks/latency.py [--models a,b] [--target 0.5] [--runs 30] [--ort-threads 1]
+    .venv/bin/python -m benchmarks.latency [--models a,b] [--target 0.5] [--runs 30] [--ort-threads 1]
                                            [--latency-target 0.5] [--skip-latency-target]
 
 Models: the test zoo (sklearn digits, 8x8, trained, from the zoo cache) and torchvision
@@ -10,7 +10,7 @@ resnet18, mobilenet_v3_small, efficientnet_b0, regnet_x_400mf, squeezenet1_1 (ra
 depend on weights, and this keeps the run short.
 
 Rows per model, all at the same MAC budget (`--target`, l1_norm, uniform allocation):
-* default   — `workers.engine.pipeline.run` with the spec's defaults (widths chosen per layer
+* default   — `engine.pipeline.run` with the spec's defaults (widths chosen per layer
               by timing it in onnxruntime; never-slower check; latency-aware allocation);
 * round_to=1 — the same with `export.round_to = 1` (the old default, widths ignore kernels);
 * tp        — Torch-Pruning's BasePruner + MagnitudeImportance(p=1), one uniform ratio bisected
@@ -38,23 +38,27 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from core.validation import datasets
+from engine import export as export_mod
+from engine import load as load_mod
+from engine.flops import onnx_costs
+from engine.pipeline import dynamic_batch, run
+from methods import registry
+from prunery.spec import JobSpec
+from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from prunery.spec import JobSpec  # noqa: E402
-from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz  # noqa: E402
-from workers import datasets  # noqa: E402
-from workers.engine import export as export_mod  # noqa: E402
-from workers.engine import load as load_mod  # noqa: E402
-from workers.engine import train as train_mod  # noqa: E402
-from workers.engine.flops import onnx_costs  # noqa: E402
-from workers.engine.pipeline import _dynamic_batch, run  # noqa: E402
-
-TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "squeezenet1_1")
+TORCHVISION = (
+    "resnet18",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "squeezenet1_1",
+)
 ZOO_IMAGES = tuple(n for n in ZOO)  # all zoo models are digits classifiers
 BATCHES = (1, 32)
 
@@ -89,41 +93,76 @@ def torchvision_job(name: str, root: Path, size: int = 64) -> tuple[Path, Path]:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.randn(2, 3, size, size),), buf, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (torch.randn(2, 3, size, size),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
     path = root / f"{name}.onnx"
     path.write_bytes(buf.getvalue())
     data = root / f"synthetic{size}.npz"
     if not data.exists():
         rng = np.random.default_rng(0)
-        np.savez(data, x_train=rng.standard_normal((96, 3, size, size)).astype(np.float32),
-                 y_train=rng.integers(0, 10, 96), x_test=rng.standard_normal((64, 3, size, size)).astype(np.float32),
-                 y_test=rng.integers(0, 10, 64))
+        np.savez(
+            data,
+            x_train=rng.standard_normal((96, 3, size, size)).astype(np.float32),
+            y_train=rng.integers(0, 10, 96),
+            x_test=rng.standard_normal((64, 3, size, size)).astype(np.float32),
+            y_test=rng.integers(0, 10, 64),
+        )
     return path, data
 
 
-def engine_row(name: str, config: str, model: Path, data: Path, args: argparse.Namespace, **spec_over) -> Row:
+def engine_row(
+    name: str, config: str, model: Path, data: Path, args: argparse.Namespace, **spec_over
+) -> Row:
     row = Row(name, config)
-    body = {"method": {"name": "l1_norm"}, "target": {"flops": args.target}, "recovery": {"mode": "none"}, "seed": 0}
+    body = {
+        "method": {"name": "l1_norm"},
+        "target": {"flops": args.target},
+        "recovery": {"mode": "none"},
+        "seed": 0,
+    }
     body.update(spec_over)
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as out:
-            report = run(JobSpec.model_validate(body), model, data, out, latency_runs=args.runs,
-                         latency_threads=args.ort_threads or None)
+            report = run(
+                JobSpec.model_validate(body),
+                model,
+                data,
+                out,
+                latency_runs=args.runs,
+                latency_threads=args.ort_threads or None,
+                catalog=registry,
+            )
             if report.target.kind == "latency":
                 row.latency_kept = report.target.achieved
-                row.latency_again = _remeasure(model, data, Path(out) / "model.onnx", args, int(body["target"].get("latency_batch", 1)))
+                row.latency_again = _remeasure(
+                    model,
+                    data,
+                    Path(out) / "model.onnx",
+                    args,
+                    int(body["target"].get("latency_batch", 1)),
+                )
     except Exception as exc:
         row.note, row.wall = _short(exc), time.perf_counter() - t0
         return row
     row.wall = time.perf_counter() - t0
     row.macs_kept = report.macs.ratio
-    row.speedup = {lat.batch_size: lat.speedup for lat in report.latency_ms if lat.batch_size in BATCHES}
+    row.speedup = {
+        lat.batch_size: lat.speedup for lat in report.latency_ms if lat.batch_size in BATCHES
+    }
     lw = report.method_details.get("latency_widths", {})
     if lw.get("steps"):
-        row.steps = " ".join(f"{k}:{v}" for k, v in lw["steps"].items()) + (f" ({lw['mode']})" if lw.get("mode") != "measured" else "")
+        row.steps = " ".join(f"{k}:{v}" for k, v in lw["steps"].items()) + (
+            f" ({lw['mode']})" if lw.get("mode") != "measured" else ""
+        )
     retries = [c["widths"] for c in lw.get("checks", [])[1:]]
     if retries:
         row.note += f"re-chose widths: {', '.join(retries)}. "
@@ -135,39 +174,52 @@ def engine_row(name: str, config: str, model: Path, data: Path, args: argparse.N
     return row
 
 
-def _remeasure(model: Path, data: Path, pruned: Path, args: argparse.Namespace, batch: int) -> float:
+def _remeasure(
+    model: Path, data: Path, pruned: Path, args: argparse.Namespace, batch: int
+) -> float:
     """The latency fraction measured again here: fresh sessions, the engine's own baseline."""
     ds = datasets.load_dataset(data, seed=0)
     loaded = load_mod.load(model, ds.sample_shape, seed=0)
-    base = _dynamic_batch(loaded.onnx_model).SerializeToString()
+    base = dynamic_batch(loaded.onnx_model).SerializeToString()
     x = ds.x_test[:batch].astype(np.float32)
-    a, b = export_mod.interleaved_latency(base, pruned.read_bytes(), loaded.input_name, loaded.input_name, x, batch,
-                                          runs=max(args.runs, 30), threads=args.ort_threads or None)
+    a, b = export_mod.interleaved_latency(
+        base,
+        pruned.read_bytes(),
+        loaded.input_name,
+        loaded.input_name,
+        x,
+        batch,
+        runs=max(args.runs, 30),
+        threads=args.ort_threads or None,
+    )
     return b.median_ms / a.median_ms
 
 
 def tp_row(name: str, model: Path, data: Path, args: argparse.Namespace) -> Row:
-    from engine import _classifier_names, search_ratio  # benchmarks/engine.py's Torch-Pruning peer
+    from benchmarks.engine import tp_search  # benchmarks/engine.py's Torch-Pruning peer
 
     row = Row(name, "tp direct")
     t0 = time.perf_counter()
     try:
-        ds = datasets.load_dataset(data, seed=0)
-        tdata = train_mod.TensorData.from_numpy(ds)
-        loaded = load_mod.load(model, ds.sample_shape, seed=0)
-        example = tdata.x_train[:1].clone()
-        with torch.no_grad():
-            classes = int(loaded.module(example).shape[1])
-        pruned, _ = search_ratio(loaded.module, example, args.target, _classifier_names(loaded.module, classes))
-        pruned_onnx = export_mod.export_onnx(pruned.eval(), example, 17, input_name=loaded.input_name)
-        base = _dynamic_batch(loaded.onnx_model)
+        loaded, tdata, example, pruned = tp_search(model, data, args.target)
+        pruned_onnx = export_mod.export_onnx(
+            pruned.eval(), example, 17, input_name=loaded.input_name
+        )
+        base = dynamic_batch(loaded.onnx_model)
         x = tdata.x_test.numpy()
         feed = {loaded.input_name: x[:1]}
         row.macs_kept = onnx_costs(pruned_onnx, feed).macs / onnx_costs(base, feed).macs
         for bs in BATCHES:
-            a, b = export_mod.interleaved_latency(base.SerializeToString(), pruned_onnx.SerializeToString(),
-                                                  loaded.input_name, loaded.input_name, x[:bs], bs,
-                                                  runs=args.runs, threads=args.ort_threads or None)
+            a, b = export_mod.interleaved_latency(
+                base.SerializeToString(),
+                pruned_onnx.SerializeToString(),
+                loaded.input_name,
+                loaded.input_name,
+                x[:bs],
+                bs,
+                runs=args.runs,
+                threads=args.ort_threads or None,
+            )
             row.speedup[bs] = a.median_ms / b.median_ms
     except Exception as exc:
         row.note = "tp failed: " + _short(exc)
@@ -203,8 +255,8 @@ def render_latency(rows: list[Row], requested: float) -> str:
     for r in rows:
         if not r.config.startswith("latency"):
             continue
-        ok = (r.latency_kept is not None and abs(r.latency_kept - requested) <= 0.05 * requested)
-        again = (r.latency_again is not None and abs(r.latency_again - requested) <= 0.05 * requested)
+        ok = r.latency_kept is not None and abs(r.latency_kept - requested) <= 0.05 * requested
+        again = r.latency_again is not None and abs(r.latency_again - requested) <= 0.05 * requested
         out.append(
             f"| {r.model} | {r.config.split('b')[-1]} | {requested} | {_f(r.latency_kept, '.3f')} | {_f(r.latency_again, '.3f')} "
             f"| {'yes' if ok else 'no'} / {'yes' if again else 'no'} | {_f(r.macs_kept, '.3f')} | {_f(r.wall, '.0f')} | {r.note} |"
@@ -232,25 +284,41 @@ def summary(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join((*ZOO_IMAGES, *TORCHVISION)))
-    p.add_argument("--target", type=float, default=0.5, help="fraction of MACs to keep (default 0.5)")
+    p.add_argument(
+        "--target", type=float, default=0.5, help="fraction of MACs to keep (default 0.5)"
+    )
     p.add_argument("--latency-target", type=float, default=0.5)
     p.add_argument("--skip-latency-target", action="store_true")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch of the latency target, torchvision models (default 1)")
     p.add_argument(
-        "--zoo-latency-batch", type=int, default=32,
+        "--latency-batch",
+        type=int,
+        default=1,
+        help="batch of the latency target, torchvision models (default 1)",
+    )
+    p.add_argument(
+        "--zoo-latency-batch",
+        type=int,
+        default=32,
         help="batch of the latency target, zoo models (default 32: at 8x8 and batch 1 a forward pass is ~40 us, "
         "mostly per-op dispatch that no width removes)",
     )
     p.add_argument("--runs", type=int, default=30)
-    p.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads (default 1: steadier on a shared machine; 0 = all cores)")
+    p.add_argument(
+        "--ort-threads",
+        type=int,
+        default=1,
+        help="onnxruntime threads (default 1: steadier on a shared machine; 0 = all cores)",
+    )
     p.add_argument("--size", type=int, default=64, help="torchvision input size")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     print("command: " + shlex.join([sys.executable, *sys.argv]))
-    print(f"torch {torch.__version__}, onnxruntime {version('onnxruntime')}, torch-pruning {version('torch-pruning')}, "
-          f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}, onnxruntime threads {args.ort_threads or 'all'}, "
-          f"{args.runs} interleaved runs, MAC target {args.target}, recovery none")
+    print(
+        f"torch {torch.__version__}, onnxruntime {version('onnxruntime')}, torch-pruning {version('torch-pruning')}, "
+        f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f}, onnxruntime threads {args.ort_threads or 'all'}, "
+        f"{args.runs} interleaved runs, MAC target {args.target}, recovery none"
+    )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -267,9 +335,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(tp_row(name, model, data, args))
             if not args.skip_latency_target:
                 lb = args.zoo_latency_batch if name in ZOO else args.latency_batch
-                rows.append(engine_row(name, f"latency b{lb}", model, data, args,
-                                       target={"latency": args.latency_target, "latency_batch": lb},
-                                       gates={"min_speedup": None}))
+                rows.append(
+                    engine_row(
+                        name,
+                        f"latency b{lb}",
+                        model,
+                        data,
+                        args,
+                        target={"latency": args.latency_target, "latency_batch": lb},
+                        gates={"min_speedup": None},
+                    )
+                )
             print(f"  done {name} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
             print(render([r for r in rows if r.model == name]), file=sys.stderr, flush=True)
     print()

@@ -1,10 +1,10 @@
 """Benchmark: learned widths (pruning_from_scratch, tas) against uniform l1_norm.
 
-    .venv/bin/python benchmarks/learned.py [--models a,b] [--target 0.25] [--epochs 3]
+    .venv/bin/python -m benchmarks.learned [--models a,b] [--target 0.25] [--epochs 3]
         [--gate-epochs 10] [--search-epochs 10] [--runs 20] [--out benchmarks/out]
 
 Every zoo model (sklearn digits, opset 17) is pruned to `target` of its MACs by each
-configuration below through the whole engine (`workers.engine.pipeline.run`), with the same
+configuration below through the whole engine (`engine.pipeline.run`), with the same
 recovery epochs for all; every number comes from the engine's report (onnxruntime accuracy
 on the test split, MACs counted on the ONNX graphs, interleaved latency):
 
@@ -29,18 +29,15 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `tests.zoo` lives in the repo, not in an installed package
+from benchmarks.common import timed_run
+from prunery.spec import JobSpec
+from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz
 
-from prunery.spec import JobSpec  # noqa: E402
-from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz  # noqa: E402
-from workers.engine.pipeline import run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def configs(gate_epochs: int, search_epochs: int) -> dict[str, dict]:
@@ -62,12 +59,8 @@ def bench_one(name: str, label: str, cfg: dict, args, data: Path, work: Path) ->
     model, _ = build_zoo_model(name, default_cache_dir(), opset=17)
     recovery = {"epochs": args.epochs, **cfg.get("recovery", {})}
     spec = JobSpec(method=cfg["method"], target={"flops": args.target}, recovery=recovery)
-    t0 = time.perf_counter()
-    report = run(
-        spec, model, data, work / f"{name}-{label.replace('/', '_')}", latency_runs=args.runs
-    )
-    wall = time.perf_counter() - t0
-    lat = {r.batch_size: r.speedup for r in report.latency_ms}
+    out = work / f"{name}-{label.replace('/', '_')}"
+    report, wall, lat = timed_run(spec, model, data, out, args.runs)
     acc = report.accuracy
     return {
         "model": name,

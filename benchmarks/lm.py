@@ -1,6 +1,6 @@
 """FLOP vs truncated SVD on the character transformer, at the same parameter count.
 
-    .venv/bin/python benchmarks/lm.py [--targets 0.6,0.4] [--epochs 2] [--flop-epochs 3] [--runs 30]
+    .venv/bin/python -m benchmarks.lm [--targets 0.6,0.4] [--epochs 2] [--flop-epochs 3] [--runs 30]
 
 Both methods factorise the same Linear layers and end with the same fine-tune; FLOP learns
 which rank-one components to keep (hard-concrete L0 gates under an augmented Lagrangian),
@@ -15,19 +15,17 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import zoo  # noqa: E402
-from prunery.spec import JobSpec  # noqa: E402
-from workers.engine import run  # noqa: E402
+from benchmarks.common import timed_run
+from prunery.spec import JobSpec
+from tests import zoo
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--targets", default="0.6,0.4", help="fractions of parameters to keep")
     ap.add_argument("--epochs", type=int, default=2, help="recovery (fine-tune) epochs for both")
     ap.add_argument("--flop-epochs", type=int, default=3, help="FLOP's L0 training epochs")
@@ -39,23 +37,28 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="prunery-lm-"))
     data = zoo.write_text_npz(work / "text.npz")
     print(f"command: {' '.join(sys.argv)}")
-    print(f"model: {model_path.name} (character transformer, test bpc after training {bpc:.3f}); data: {data}")
+    print(
+        f"model: {model_path.name} (character transformer, test bpc after training {bpc:.3f}); data: {data}"
+    )
     print()
-    print("| method | target params | achieved | bpc before | bpc after | Δ bpc | perplexity after | speedup b1 | speedup b32 | wall s |")
+    print(
+        "| method | target params | achieved | bpc before | bpc after | Δ bpc | perplexity after | speedup b1 | speedup b32 | wall s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary: dict[tuple[str, float], list[float]] = {}
     for target in (float(t) for t in args.targets.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             for method, params in (("flop", {"epochs": args.flop_epochs}), ("svd", {})):
                 spec = JobSpec(
-                    task="language_modeling", method={"name": method, "params": params},
-                    target={"params": target}, recovery={"epochs": args.epochs}, seed=seed,
+                    task="language_modeling",
+                    method={"name": method, "params": params},
+                    target={"params": target},
+                    recovery={"epochs": args.epochs},
+                    seed=seed,
                 )
-                t0 = time.perf_counter()
-                report = run(spec, model_path, data, work / f"{method}-{target}-{seed}", latency_runs=args.runs)
-                wall = time.perf_counter() - t0
+                out = work / f"{method}-{target}-{seed}"
+                report, wall, lat = timed_run(spec, model_path, data, out, args.runs)
                 bpt = report.metrics["bits_per_token"]
-                lat = {x.batch_size: x.speedup for x in report.latency_ms}
                 summary.setdefault((method, target), []).append(bpt.after)
                 print(
                     f"| {method} (seed {seed}) | {target:.2f} | {report.target.achieved:.4f} | {bpt.before:.4f} | "
@@ -65,7 +68,9 @@ def main() -> int:
                 )
     print()
     for (method, target), values in sorted(summary.items()):
-        print(f"{method:5s} at {target:.2f} params: median bpc after {statistics.median(values):.4f} over {len(values)} seed(s)")
+        print(
+            f"{method:5s} at {target:.2f} params: median bpc after {statistics.median(values):.4f} over {len(values)} seed(s)"
+        )
     return 0
 
 

@@ -1,11 +1,11 @@
 """Benchmark: the robust (ANP) and dynamic (SANP) methods against l1_norm, on the test zoo.
 
-    .venv/bin/python benchmarks/robust.py [--models vgg,resnet_basic] [--sanp-models resnet_basic]
+    .venv/bin/python -m benchmarks.robust [--models vgg,resnet_basic] [--sanp-models resnet_basic]
         [--targets 0.3,0.5,0.7] [--epochs 3] [--epsilon 0.1] [--pgd-steps 10]
         [--anp-mask-epochs 5] [--sanp-epochs 5] [--cache-dir DIR]
 
 Part A — robustness at one budget (flops 0.5): the original model, l1_norm, anp and anp
-with adversarial fine-tuning, each through `workers.engine.run`. Every exported ONNX is
+with adversarial fine-tuning, each through `engine.run`. Every exported ONNX is
 loaded back (the engine's own loader) and attacked the same way: white-box FGSM and PGD
 (random start, `--pgd-steps` steps of ε/4) with ε a fraction of the data's value range.
 Question: does ANP keep more of the PGD accuracy than magnitude pruning, as the paper reports?
@@ -22,25 +22,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from core.validation import datasets
+from engine import load as load_mod
+from engine import train as train_mod
+from engine.pipeline import run
+from methods import registry
+from methods.anp.attacks import Attack, robust_accuracy
+from prunery.spec import JobSpec
+from tests.zoo import build_zoo_model, default_cache_dir, write_digits_npz
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from prunery.spec import JobSpec  # noqa: E402
-from tests.zoo import build_zoo_model, default_cache_dir, write_digits_npz  # noqa: E402
-from workers import datasets  # noqa: E402
-from workers.engine import load as load_mod  # noqa: E402
-from workers.engine import train as train_mod  # noqa: E402
-from workers.engine.pipeline import run  # noqa: E402
-from workers.methods.attacks import Attack, robust_accuracy  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 
@@ -70,8 +69,16 @@ class DynamicRow:
 
 
 def _data(path: Path) -> train_mod.TensorData:
-    ds = datasets.load_dataset(path, task="classification", split=0.2, seed=0, image_size=None,
-                               grayscale=False, mean=None, std=None)
+    ds = datasets.load_dataset(
+        path,
+        task="classification",
+        split=0.2,
+        seed=0,
+        image_size=None,
+        grayscale=False,
+        mean=None,
+        std=None,
+    )
     return train_mod.TensorData.from_numpy(ds)
 
 
@@ -80,17 +87,30 @@ def _attack_onnx(path: Path, data: train_mod.TensorData, attack: Attack) -> dict
     return robust_accuracy(module, data.x_test, data.y_test, attack, seed=0)
 
 
-def _engine(method: str, params: dict, model: Path, data: Path, target: float, epochs: int, work: Path):
-    spec = JobSpec(method={"name": method, "params": params}, target={"flops": target}, recovery={"epochs": epochs})
+def _engine(
+    method: str, params: dict, model: Path, data: Path, target: float, epochs: int, work: Path
+):
+    spec = JobSpec(
+        method={"name": method, "params": params},
+        target={"flops": target},
+        recovery={"epochs": epochs},
+    )
     t0 = time.perf_counter()
-    report = run(spec, model, data, work, latency_runs=5)
+    report = run(spec, model, data, work, latency_runs=5, catalog=registry)
     return report, time.perf_counter() - t0
 
 
-def part_a(models, data_path, data, epochs, attack, eps_frac, pgd_steps, mask_epochs, cache, tmp) -> list[RobustRow]:
+def part_a(
+    models, data_path, data, epochs, attack, eps_frac, pgd_steps, mask_epochs, cache, tmp
+) -> list[RobustRow]:
     rows: list[RobustRow] = []
-    anp_params = {"epsilon": eps_frac, "pgd_step_size": eps_frac / 4, "pgd_steps": pgd_steps,
-                  "eval_pgd_steps": pgd_steps, "mask_epochs": mask_epochs}
+    anp_params = {
+        "epsilon": eps_frac,
+        "pgd_step_size": eps_frac / 4,
+        "pgd_steps": pgd_steps,
+        "eval_pgd_steps": pgd_steps,
+        "mask_epochs": mask_epochs,
+    }
     variants = [
         ("l1_norm", "l1_norm", {}),
         ("anp", "anp", anp_params),
@@ -108,8 +128,22 @@ def part_a(models, data_path, data, epochs, attack, eps_frac, pgd_steps, mask_ep
             if method == "anp":
                 d = report.method_details
                 note = f"{d['channels_below_threshold']} ch. E[π]<1e-3, {d['channels_removed']} removed"
-            rows.append(RobustRow(name, label, report.target.achieved, acc["clean"], acc["fgsm"], acc["pgd"], secs, note))
-            print(f"  {name:18s} {label:18s} clean {acc['clean']:.4f} pgd {acc['pgd']:.4f} ({secs:.0f}s)", flush=True)
+            rows.append(
+                RobustRow(
+                    name,
+                    label,
+                    report.target.achieved,
+                    acc["clean"],
+                    acc["fgsm"],
+                    acc["pgd"],
+                    secs,
+                    note,
+                )
+            )
+            print(
+                f"  {name:18s} {label:18s} clean {acc['clean']:.4f} pgd {acc['pgd']:.4f} ({secs:.0f}s)",
+                flush=True,
+            )
     return rows
 
 
@@ -125,9 +159,23 @@ def part_b(models, data_path, targets, epochs, sanp_epochs, cache, tmp) -> list[
                 dyn = report.dynamic or {}
                 std = dyn["macs_std"] / report.macs.before if dyn else None
                 extra = {"keep": dyn.get("mean_keep_rate")} if dyn else {}
-                rows.append(DynamicRow(name, target, method, report.target.achieved, std, report.accuracy.after, extra, secs))
-                print(f"  {name:18s} {method:8s} target {target} kept {report.target.achieved:.4f} "
-                      f"acc {report.accuracy.after:.4f} ({secs:.0f}s)", flush=True)
+                rows.append(
+                    DynamicRow(
+                        name,
+                        target,
+                        method,
+                        report.target.achieved,
+                        std,
+                        report.accuracy.after,
+                        extra,
+                        secs,
+                    )
+                )
+                print(
+                    f"  {name:18s} {method:8s} target {target} kept {report.target.achieved:.4f} "
+                    f"acc {report.accuracy.after:.4f} ({secs:.0f}s)",
+                    flush=True,
+                )
     return rows
 
 
@@ -156,7 +204,9 @@ def table_b(rows: list[DynamicRow]) -> str:
     ]
     for r in rows:
         std = f"{r.macs_std:.4f}" if r.macs_std is not None else "static"
-        lines.append(f"| {r.model} | {r.target} | {r.method} | {r.macs_kept:.4f} | {std} | {r.accuracy:.4f} | {r.seconds:.0f} |")
+        lines.append(
+            f"| {r.model} | {r.target} | {r.method} | {r.macs_kept:.4f} | {std} | {r.accuracy:.4f} | {r.seconds:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -187,9 +237,19 @@ def plot(rows_a: list[RobustRow], rows_b: list[DynamicRow], path: Path) -> None:
     ax.legend(fontsize=8)
     ax = axes[1]
     for k, (model, method) in enumerate(sorted({(r.model, r.method) for r in rows_b})):
-        pts = sorted((r for r in rows_b if r.model == model and r.method == method), key=lambda r: r.macs_kept)
-        ax.errorbar([r.macs_kept for r in pts], [r.accuracy for r in pts],
-                    xerr=[r.macs_std or 0 for r in pts], marker="o", capsize=3, label=f"{model} {method}", color=f"C{k}")
+        pts = sorted(
+            (r for r in rows_b if r.model == model and r.method == method),
+            key=lambda r: r.macs_kept,
+        )
+        ax.errorbar(
+            [r.macs_kept for r in pts],
+            [r.accuracy for r in pts],
+            xerr=[r.macs_std or 0 for r in pts],
+            marker="o",
+            capsize=3,
+            label=f"{model} {method}",
+            color=f"C{k}",
+        )
     ax.set_xlabel("MACs kept (SANP: mean over samples, bar = ±1 std)")
     ax.set_ylabel("test accuracy")
     ax.set_title("SANP (dynamic) vs l1_norm (static)")
@@ -200,12 +260,16 @@ def plot(rows_a: list[RobustRow], rows_b: list[DynamicRow], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="vgg,resnet_basic")
     ap.add_argument("--sanp-models", default="resnet_basic")
     ap.add_argument("--targets", default="0.3,0.5,0.7")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--epsilon", type=float, default=0.1, help="attack radius as a fraction of the data range")
+    ap.add_argument(
+        "--epsilon", type=float, default=0.1, help="attack radius as a fraction of the data range"
+    )
     ap.add_argument("--pgd-steps", type=int, default=10)
     ap.add_argument("--anp-mask-epochs", type=int, default=5)
     ap.add_argument("--sanp-epochs", type=int, default=5)
@@ -221,11 +285,28 @@ def main() -> None:
         data = _data(data_path)
         attack = Attack.scaled(data.x_train, args.epsilon, args.epsilon / 4, args.pgd_steps)
         print("Part A: robustness", flush=True)
-        rows_a = part_a([m for m in args.models.split(",") if m], data_path, data, args.epochs, attack,
-                        args.epsilon, args.pgd_steps, args.anp_mask_epochs, cache, tmp)
+        rows_a = part_a(
+            [m for m in args.models.split(",") if m],
+            data_path,
+            data,
+            args.epochs,
+            attack,
+            args.epsilon,
+            args.pgd_steps,
+            args.anp_mask_epochs,
+            cache,
+            tmp,
+        )
         print("Part B: dynamic vs static", flush=True)
-        rows_b = part_b([m for m in args.sanp_models.split(",") if m], data_path,
-                        [float(t) for t in args.targets.split(",")], args.epochs, args.sanp_epochs, cache, tmp)
+        rows_b = part_b(
+            [m for m in args.sanp_models.split(",") if m],
+            data_path,
+            [float(t) for t in args.targets.split(",")],
+            args.epochs,
+            args.sanp_epochs,
+            cache,
+            tmp,
+        )
     print()
     print(table_a(rows_a, args.epsilon, attack))
     print()

@@ -14,7 +14,7 @@ Postgres schema `prunery_bench` and Redis database 13, and measures
 * GET /v1/jobs/{id} latency p50/p99 at concurrency 32 (httpx AsyncClient, same machine:
   client and server share the CPU cores);
 * end-to-end wall time of a small job (digits CNN, l1_norm flops 0.5, 1 epoch) submitted
-  through the service vs `workers.engine.run` called directly in-process.
+  through the service vs `engine.run` called directly in-process.
 """
 
 from __future__ import annotations
@@ -168,9 +168,9 @@ def main() -> int:
     ap.add_argument("--e2e-runs", type=int, default=3)
     args = ap.parse_args()
 
-    from app.config import Settings
-    from app.db import make_engine, make_sessionmaker, migrate, transaction
     from app.security import create_api_key, create_tenant
+    from core.db import make_engine, make_sessionmaker, migrate, transaction
+    from core.settings import Settings
 
     root = Path(tempfile.mkdtemp(prefix="prunery-bench-"))
     settings = Settings(
@@ -270,8 +270,8 @@ def main() -> int:
             overheads.append(wall - engine_seconds)
 
         print("the engine called directly ...", file=sys.stderr)
+        from engine import run
         from prunery.spec import JobSpec
-        from workers.engine import run
 
         direct_times = []
         for i in range(args.e2e_runs):

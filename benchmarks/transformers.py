@@ -23,14 +23,12 @@ import onnx
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "transformers"))
-
-import tfkit  # noqa: E402
-
-from prunery.spec import JobSpec  # noqa: E402
-from workers.engine import export as export_mod  # noqa: E402
-from workers.engine.flops import onnx_costs  # noqa: E402
-from workers.engine.pipeline import run  # noqa: E402
+from engine import export as export_mod
+from engine.flops import onnx_costs
+from engine.pipeline import run
+from methods import registry
+from prunery.spec import JobSpec
+from tests.transformers import tfkit
 
 
 def digits_images() -> dict[str, np.ndarray]:
@@ -43,7 +41,12 @@ def digits_images() -> dict[str, np.ndarray]:
     y = d.target.astype(np.int64)
     idx = np.random.default_rng(0).permutation(len(y))
     cut = int(0.8 * len(y))
-    return {"x_train": x[idx[:cut]], "y_train": y[idx[:cut]], "x_test": x[idx[cut:]], "y_test": y[idx[cut:]]}
+    return {
+        "x_train": x[idx[:cut]],
+        "y_train": y[idx[:cut]],
+        "x_test": x[idx[cut:]],
+        "y_test": y[idx[cut:]],
+    }
 
 
 def tokens() -> dict[str, np.ndarray]:
@@ -66,7 +69,9 @@ def train(model: nn.Module, data: dict[str, np.ndarray], epochs: int, lr: float 
 
 def onnx_metrics(path: Path, data: dict[str, np.ndarray]) -> tuple[float, int]:
     model = onnx.load(str(path))
-    name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    name = next(
+        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
+    )
     logits = export_mod.onnx_predict(model.SerializeToString(), name, data["x_test"])
     macs = onnx_costs(model, {name: data["x_test"][:1]}).macs
     return export_mod.topk_accuracy(logits, data["y_test"], 1), macs
@@ -75,10 +80,19 @@ def onnx_metrics(path: Path, data: dict[str, np.ndarray]) -> tuple[float, int]:
 def latency_speedup(before: Path, after: Path, sample: np.ndarray, threads: int) -> float:
     def name(p: Path) -> str:
         m = onnx.load(str(p))
-        return next(i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer})
+        return next(
+            i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}
+        )
 
     a, b = export_mod.interleaved_latency(
-        before.read_bytes(), after.read_bytes(), name(before), name(after), sample[:32], 32, runs=20, threads=threads
+        before.read_bytes(),
+        after.read_bytes(),
+        name(before),
+        name(after),
+        sample[:32],
+        32,
+        runs=20,
+        threads=threads,
     )
     return a.median_ms / b.median_ms
 
@@ -115,7 +129,9 @@ def _patch_after_pruning(model: nn.Module, pruner) -> list[int]:
     return kept
 
 
-def torch_pruning_direct(model: nn.Module, example: torch.Tensor, target: float, heads_only_ratio: float = 0.5):
+def torch_pruning_direct(
+    model: nn.Module, example: torch.Tensor, target: float, heads_only_ratio: float = 0.5
+):
     import torch_pruning as tp
 
     base = tp.utils.count_ops_and_params(model, example)[0]
@@ -123,11 +139,20 @@ def torch_pruning_direct(model: nn.Module, example: torch.Tensor, target: float,
     for ratio in (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
         m = copy.deepcopy(model)
         heads = _attention_layers(m)
-        ignored = [mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features in (4, 10)]
+        ignored = [
+            mod for mod in m.modules() if isinstance(mod, nn.Linear) and mod.out_features in (4, 10)
+        ]
         pruner = tp.pruner.MetaPruner(
-            m, example, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
-            num_heads=heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=heads_only_ratio,
-            ignored_layers=ignored, global_pruning=False,
+            m,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            num_heads=heads,
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=heads_only_ratio,
+            ignored_layers=ignored,
+            global_pruning=False,
         )
         pruner.step()
         kept = _patch_after_pruning(m, pruner)
@@ -143,7 +168,9 @@ def torch_pruning_direct(model: nn.Module, example: torch.Tensor, target: float,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs after pruning")
     ap.add_argument("--pretrain", type=int, default=8, help="training epochs before pruning")
     ap.add_argument("--target", type=float, default=0.5)
@@ -168,19 +195,44 @@ def main() -> None:
             t0 = time.perf_counter()
             train(model, data, args.pretrain)
             example = torch.from_numpy(data["x_train"][:2])
-            original = tfkit.export(model, example, root / f"{label}.onnx".replace(" ", "_"), "legacy")
+            original = tfkit.export(
+                model, example, root / f"{label}.onnx".replace(" ", "_"), "legacy"
+            )
             acc0, macs0 = onnx_metrics(original, data)
             # Prunery: from the ONNX file only.
             spec = JobSpec(
-                method={"name": "l1_norm"}, target={"flops": args.target},
+                method={"name": "l1_norm"},
+                target={"flops": args.target},
                 recovery={"mode": "finetune", "epochs": args.epochs, "lr": 1e-3, "batch_size": 64},
             )
             out = root / f"out_{len(rows)}"
-            report = run(spec, original, npz, out, latency_runs=10, latency_threads=args.threads)
-            heads = [f"{r.channels_before}→{r.channels_after}" for r in report.layers if r.op == "attention heads"]
+            report = run(
+                spec,
+                original,
+                npz,
+                out,
+                latency_runs=10,
+                latency_threads=args.threads,
+                catalog=registry,
+            )
+            heads = [
+                f"{r.channels_before}→{r.channels_after}"
+                for r in report.layers
+                if r.op == "attention heads"
+            ]
             acc1, macs1 = onnx_metrics(out / "model.onnx", data)
             speed = latency_speedup(original, out / "model.onnx", data["x_test"], args.threads)
-            rows.append((label, "Prunery (ONNX, automatic)", macs1 / macs0, " ".join(heads), acc0, acc1, speed))
+            rows.append(
+                (
+                    label,
+                    "Prunery (ONNX, automatic)",
+                    macs1 / macs0,
+                    " ".join(heads),
+                    acc0,
+                    acc1,
+                    speed,
+                )
+            )
             # Torch-Pruning on the same torch module, num_heads by hand.
             try:
                 pruned, _, kept = torch_pruning_direct(copy.deepcopy(model), example, args.target)
@@ -188,16 +240,42 @@ def main() -> None:
                 tp_path = tfkit.export(pruned, example, root / f"tp_{len(rows)}.onnx", "legacy")
                 acc2, macs2 = onnx_metrics(tp_path, data)
                 speed2 = latency_speedup(original, tp_path, data["x_test"], args.threads)
-                rows.append((label, "Torch-Pruning (num_heads by hand)", macs2 / macs0, " ".join(str(k) for k in kept), acc0, acc2, speed2))
+                rows.append(
+                    (
+                        label,
+                        "Torch-Pruning (num_heads by hand)",
+                        macs2 / macs0,
+                        " ".join(str(k) for k in kept),
+                        acc0,
+                        acc2,
+                        speed2,
+                    )
+                )
             except Exception as exc:  # report, do not hide
                 msg = str(exc).strip().splitlines()[0][:70] if str(exc).strip() else ""
-                rows.append((label, f"Torch-Pruning: fails ({type(exc).__name__}: {msg})", float("nan"), "", acc0, float("nan"), float("nan")))
+                rows.append(
+                    (
+                        label,
+                        f"Torch-Pruning: fails ({type(exc).__name__}: {msg})",
+                        float("nan"),
+                        "",
+                        acc0,
+                        float("nan"),
+                        float("nan"),
+                    )
+                )
             print(f"[{label}: {time.perf_counter() - t0:.0f}s]", file=sys.stderr)
-    print(f"\nTarget {args.target} of the MACs; {args.epochs} fine-tuning epochs; latency at batch 32, onnxruntime CPU, {args.threads} threads\n")
-    print("| model | tool | MACs kept | heads kept per block | acc before | acc after | drop (pts) | speedup |")
+    print(
+        f"\nTarget {args.target} of the MACs; {args.epochs} fine-tuning epochs; latency at batch 32, onnxruntime CPU, {args.threads} threads\n"
+    )
+    print(
+        "| model | tool | MACs kept | heads kept per block | acc before | acc after | drop (pts) | speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, tool, kept, heads, a0, a1, sp in rows:
-        print(f"| {label} | {tool} | {kept:.3f} | {heads} | {a0:.3f} | {a1:.3f} | {100 * (a0 - a1):.1f} | {sp:.2f}x |")
+        print(
+            f"| {label} | {tool} | {kept:.3f} | {heads} | {a0:.3f} | {a1:.3f} | {100 * (a0 - a1):.1f} | {sp:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

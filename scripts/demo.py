@@ -138,7 +138,7 @@ def main() -> int:
     server = start_server(home, port)
     try:
         from prunery import Client
-        from prunery.remote_cli import format_report
+        from prunery.report_text import format_report
 
         os.environ["PRUNERY_HOME"] = str(home)
         client = Client()  # URL and API key from the credentials `prunery serve` wrote
@@ -176,8 +176,12 @@ def main() -> int:
         print("[4/5] report:", flush=True)
         report = job.report()
         print(format_report(report))
-        speed = ", ".join(f"{lat.speedup:.2f}x at batch {lat.batch_size}" for lat in report.latency_ms)
-        print(f"      headline: MACs x{report.macs.ratio:.2f}; measured onnxruntime speedup {speed}")
+        speed = ", ".join(
+            f"{lat.speedup:.2f}x at batch {lat.batch_size}" for lat in report.latency_ms
+        )
+        print(
+            f"      headline: MACs x{report.macs.ratio:.2f}; measured onnxruntime speedup {speed}"
+        )
         if job.gates_passed is False:
             print("      note: a gate was missed (the model is still available)")
         paths = job.download(args.out / job.id)

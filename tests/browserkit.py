@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = os.environ.get("PRUNERY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = (
+    os.environ.get("PRUNERY_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+)
 
 
 def _playwright():  # type: ignore[no-untyped-def]
@@ -36,19 +38,28 @@ def open_page(
     errors: list[str] = []
     outside: list[str] = []
     with _playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--headless"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--headless"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(allowed) else None)
+            page.on(
+                "request",
+                lambda r: outside.append(r.url) if not r.url.startswith(allowed) else None,
+            )
             page.goto(url, wait_until="load")
             if wait_for:
                 page.wait_for_selector(wait_for, timeout=20_000)
             plots = {}
             for svg in page.locator("svg.plot").all():
                 box = svg.bounding_box()
-                plots[svg.get_attribute("data-plot")] = (svg.is_visible(), box["width"] if box else 0, box["height"] if box else 0)
+                plots[svg.get_attribute("data-plot")] = (
+                    svg.is_visible(),
+                    box["width"] if box else 0,
+                    box["height"] if box else 0,
+                )
             result = {
                 "plots": plots,
                 "marks": page.locator("svg.plot rect, svg.plot polyline").count(),

@@ -30,3 +30,12 @@ def zoo_model():
         return path
 
     return get
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """tests/api runs against the real Postgres (tests/api/conftest.py): it is part of the
+    service tier, so `-m "not service"` (the fast tier) leaves it out."""
+    api = Path(__file__).parent / "api"
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(api):
+            item.add_marker(pytest.mark.service)

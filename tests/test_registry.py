@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from core.errors import BadSpec
+from engine import run
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import run
-from workers.errors import BadSpec
-from workers.methods import catalog
 
-METHODS = [m.name for m in catalog.list_methods()]
+METHODS = [m.name for m in registry.list_methods()]
 # Low-rank methods factorise Linear layers, which hold ~1% of vgg's MACs: give them the
 # zoo's MLP-mixer instead.
 MODEL_FOR = {"flop": "mixer", "svd": "mixer"}
@@ -19,30 +19,37 @@ MODEL_FOR = {"flop": "mixer", "svd": "mixer"}
 
 def test_unknown_method_names_the_known_ones():
     with pytest.raises(BadSpec) as err:
-        catalog.get_method("no_such_method")
+        registry.get_method("no_such_method")
     for name in METHODS:
         assert name in str(err.value)
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_method_metadata(name):
-    info = catalog.get_method(name)
+    info = registry.get_method(name)
     described = info.describe()
     assert described["name"] == name and described["paper"] and described["summary"]
     json.dumps(described["params_schema"])  # serialisable JSON schema
     info.params()  # defaults are valid
     with pytest.raises(BadSpec):
-        catalog.validate_params(name, {"definitely_not_a_param": 1})
+        registry.validate_params(name, {"definitely_not_a_param": 1})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_method_prunes_a_zoo_model(name, zoo_model, digits_npz, tmp_path):
-    info = catalog.get_method(name)
+    info = registry.get_method(name)
     if "classification" not in info.tasks:
         pytest.skip(f"{name} is for {info.tasks}")
     spec = JobSpec(method={"name": name}, target={"flops": 0.5}, recovery={"epochs": 1})
-    report = run(spec, zoo_model(MODEL_FOR.get(name, "vgg")), digits_npz, tmp_path / "out", latency_runs=20)
+    report = run(
+        spec,
+        zoo_model(MODEL_FOR.get(name, "vgg")),
+        digits_npz,
+        tmp_path / "out",
+        latency_runs=20,
+        catalog=registry,
+    )
     assert report.target.met, report.target
     assert report.parity["max_rel_diff"] <= 1e-4
     assert (tmp_path / "out" / "model.onnx").is_file()

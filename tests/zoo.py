@@ -47,7 +47,9 @@ def write_digits_npz(path: Path) -> Path:
 # ------------------------------------------------------------------ blocks
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+def conv_bn(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
         nn.BatchNorm2d(cout),
@@ -63,7 +65,9 @@ class BasicBlock(nn.Module):
         self.c1 = conv_bn(cin, cout, 3, stride)
         self.c2 = conv_bn(cout, cout, 3, 1, act=False)
         self.short = (
-            conv_bn(cin, cout, 1, stride, act=False) if stride != 1 or cin != cout else nn.Identity()
+            conv_bn(cin, cout, 1, stride, act=False)
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +81,9 @@ class Bottleneck(nn.Module):
         self.c2 = conv_bn(mid, mid, 3, stride)
         self.c3 = conv_bn(mid, cout, 1, act=False)
         self.short = (
-            conv_bn(cin, cout, 1, stride, act=False) if stride != 1 or cin != cout else nn.Identity()
+            conv_bn(cin, cout, 1, stride, act=False)
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +131,11 @@ class SEBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(conv_bn(cin, cout, 3, stride), conv_bn(cout, cout, 3, act=False))
         self.se = SqueezeExcite(cout)
-        self.short = conv_bn(cin, cout, 1, stride, act=False) if stride != 1 or cin != cout else nn.Identity()
+        self.short = (
+            conv_bn(cin, cout, 1, stride, act=False)
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.se(self.body(x)) + self.short(x))
@@ -134,8 +144,10 @@ class SEBlock(nn.Module):
 class Head(nn.Module):
     def __init__(self, c: int, hidden: int | None = None) -> None:
         super().__init__()
-        self.fc = nn.Linear(c, NUM_CLASSES) if hidden is None else nn.Sequential(
-            nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES)
+        self.fc = (
+            nn.Linear(c, NUM_CLASSES)
+            if hidden is None
+            else nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, NUM_CLASSES))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,49 +159,82 @@ class Head(nn.Module):
 
 def vgg() -> nn.Module:
     return nn.Sequential(
-        conv_bn(1, 32), conv_bn(32, 32), nn.MaxPool2d(2),
-        conv_bn(32, 64), conv_bn(64, 64), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, NUM_CLASSES),
+        conv_bn(1, 32),
+        conv_bn(32, 32),
+        nn.MaxPool2d(2),
+        conv_bn(32, 64),
+        conv_bn(64, 64),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 2 * 2, 64),
+        nn.ReLU(),
+        nn.Linear(64, NUM_CLASSES),
     )
 
 
 def resnet_basic() -> nn.Module:
     return nn.Sequential(
-        conv_bn(1, 32), BasicBlock(32, 32), BasicBlock(32, 64, stride=2), BasicBlock(64, 64), Head(64)
+        conv_bn(1, 32),
+        BasicBlock(32, 32),
+        BasicBlock(32, 64, stride=2),
+        BasicBlock(64, 64),
+        Head(64),
     )
 
 
 def resnet_bottleneck() -> nn.Module:
     return nn.Sequential(
-        conv_bn(1, 32), Bottleneck(32, 16, 64), Bottleneck(64, 16, 64), Bottleneck(64, 32, 128, stride=2), Head(128)
+        conv_bn(1, 32),
+        Bottleneck(32, 16, 64),
+        Bottleneck(64, 16, 64),
+        Bottleneck(64, 32, 128, stride=2),
+        Head(128),
     )
 
 
 def mobilenet_v2() -> nn.Module:
     return nn.Sequential(
-        conv_bn(1, 32), InvertedResidual(32, 24), InvertedResidual(24, 24),
-        InvertedResidual(24, 48, stride=2), InvertedResidual(48, 48), conv_bn(48, 128, 1), Head(128),
+        conv_bn(1, 32),
+        InvertedResidual(32, 24),
+        InvertedResidual(24, 24),
+        InvertedResidual(24, 48, stride=2),
+        InvertedResidual(48, 48),
+        conv_bn(48, 128, 1),
+        Head(128),
     )
 
 
 def densenet() -> nn.Module:
     return nn.Sequential(
-        conv_bn(1, 32), DenseLayer(32, 16), DenseLayer(48, 16), DenseLayer(64, 16),
-        conv_bn(80, 64, 1), nn.AvgPool2d(2), DenseLayer(64, 16), DenseLayer(80, 16), Head(96),
+        conv_bn(1, 32),
+        DenseLayer(32, 16),
+        DenseLayer(48, 16),
+        DenseLayer(64, 16),
+        conv_bn(80, 64, 1),
+        nn.AvgPool2d(2),
+        DenseLayer(64, 16),
+        DenseLayer(80, 16),
+        Head(96),
     )
 
 
 def se_resnet() -> nn.Module:
-    return nn.Sequential(conv_bn(1, 32), SEBlock(32, 32), SEBlock(32, 64, stride=2), Head(64, hidden=64))
+    return nn.Sequential(
+        conv_bn(1, 32), SEBlock(32, 32), SEBlock(32, 64, stride=2), Head(64, hidden=64)
+    )
 
 
 class MixerBlock(nn.Module):
     def __init__(self, tokens: int, dim: int, token_hidden: int, channel_hidden: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.token_mlp = nn.Sequential(nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens))
+        self.token_mlp = nn.Sequential(
+            nn.Linear(tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, tokens)
+        )
         self.norm2 = nn.LayerNorm(dim)
-        self.channel_mlp = nn.Sequential(nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim))
+        self.channel_mlp = nn.Sequential(
+            nn.Linear(dim, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, D]
         x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
@@ -247,7 +292,9 @@ class ViT(nn.Module):
         super().__init__()
         self.patch = nn.Conv2d(1, dim, 2, 2)
         self.pos = nn.Parameter(torch.randn(1, 16, dim) * 0.02)
-        self.blocks = nn.Sequential(TransformerBlock(dim, heads, 4 * dim), TransformerBlock(dim, heads, 4 * dim))
+        self.blocks = nn.Sequential(
+            TransformerBlock(dim, heads, 4 * dim), TransformerBlock(dim, heads, 4 * dim)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, NUM_CLASSES)
 
@@ -305,8 +352,13 @@ def export(model: nn.Module, path: Path, opset: int | None = 17) -> Path:
         torch.onnx.export(model, (x,), str(tmp), dynamic_shapes=({0: batch},), verbose=False)
     else:
         torch.onnx.export(
-            model, (x,), str(tmp), dynamo=False, opset_version=opset,
-            input_names=["input"], output_names=["logits"],
+            model,
+            (x,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input"],
+            output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     # The dynamo exporter may write weights to a side file; fold them in so one file is the model.
@@ -323,7 +375,9 @@ def _zoo_key() -> str:
     return hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:12]
 
 
-def build_zoo_model(name: str, cache_dir: Path, opset: int | None = 17, epochs: int = 12) -> tuple[Path, float]:
+def build_zoo_model(
+    name: str, cache_dir: Path, opset: int | None = 17, epochs: int = 12
+) -> tuple[Path, float]:
     """Train (once per cache) and export zoo model `name`; returns (onnx path, torch accuracy)."""
     cache_dir = Path(cache_dir) / _zoo_key()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -349,7 +403,11 @@ def build_zoo_model(name: str, cache_dir: Path, opset: int | None = 17, epochs: 
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PRUNERY_ZOO_CACHE", Path(__file__).resolve().parents[1] / ".pytest_cache" / "zoo"))
+    return Path(
+        os.environ.get(
+            "PRUNERY_ZOO_CACHE", Path(__file__).resolve().parents[1] / ".pytest_cache" / "zoo"
+        )
+    )
 
 
 # ------------------------------------------------------------------ language modelling
@@ -366,7 +424,15 @@ def text_tokens(max_chars: int = 400_000) -> np.ndarray:
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks: list[bytes] = []
     total = 0
-    for name in ("textwrap.py", "argparse.py", "functools.py", "inspect.py", "dataclasses.py", "pathlib.py", "typing.py"):
+    for name in (
+        "textwrap.py",
+        "argparse.py",
+        "functools.py",
+        "inspect.py",
+        "dataclasses.py",
+        "pathlib.py",
+        "typing.py",
+    ):
         path = root / name
         if path.exists():
             data = path.read_bytes()
@@ -378,7 +444,9 @@ def text_tokens(max_chars: int = 400_000) -> np.ndarray:
     return np.where(arr < VOCAB, arr, ord("?"))
 
 
-def text_arrays(seq_len: int = SEQ_LEN, n_train: int = 3000, n_test: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
+def text_arrays(
+    seq_len: int = SEQ_LEN, n_train: int = 3000, n_test: int = 400, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Sequences of seq_len + 1 tokens: the model reads [:-1] and predicts [1:]. Train and
     test windows come from disjoint halves of the text."""
     tokens = text_tokens()
@@ -407,7 +475,9 @@ class CausalBlock(nn.Module):
         self.n2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.register_buffer("mask", torch.triu(torch.full((SEQ_LEN, SEQ_LEN), float("-inf")), diagonal=1))
+        self.register_buffer(
+            "mask", torch.triu(torch.full((SEQ_LEN, SEQ_LEN), float("-inf")), diagonal=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -434,7 +504,9 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(self.blocks(x)))
 
 
-def train_lm(model: nn.Module, data: dict[str, np.ndarray], epochs: int = 4, seed: int = 0) -> float:
+def train_lm(
+    model: nn.Module, data: dict[str, np.ndarray], epochs: int = 4, seed: int = 0
+) -> float:
     """Returns test bits per character."""
     torch.manual_seed(seed)
     train_seq = torch.from_numpy(data["train"])
@@ -461,7 +533,11 @@ def build_lm_model(cache_dir: Path, epochs: int = 4) -> tuple[Path, float]:
     """Train (once per cache) and export the character transformer; returns (path, test bpc)."""
     cache_dir = Path(cache_dir) / _zoo_key()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path, bpc_file, weights = cache_dir / "char_lm-op17.onnx", cache_dir / "char_lm.bpc", cache_dir / "char_lm.pt"
+    onnx_path, bpc_file, weights = (
+        cache_dir / "char_lm-op17.onnx",
+        cache_dir / "char_lm.bpc",
+        cache_dir / "char_lm.pt",
+    )
     if onnx_path.exists() and bpc_file.exists():
         return onnx_path, float(bpc_file.read_text())
     torch.manual_seed(0)
@@ -476,8 +552,13 @@ def build_lm_model(cache_dir: Path, epochs: int = 4) -> tuple[Path, float]:
     model.eval()
     tmp = onnx_path.with_suffix(".tmp.onnx")
     torch.onnx.export(
-        model, (torch.zeros(2, SEQ_LEN, dtype=torch.long),), str(tmp), dynamo=False, opset_version=17,
-        input_names=["tokens"], output_names=["logits"],
+        model,
+        (torch.zeros(2, SEQ_LEN, dtype=torch.long),),
+        str(tmp),
+        dynamo=False,
+        opset_version=17,
+        input_names=["tokens"],
+        output_names=["logits"],
         dynamic_axes={"tokens": {0: "batch"}, "logits": {0: "batch"}},
     )
     tmp.replace(onnx_path)

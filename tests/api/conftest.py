@@ -20,8 +20,8 @@ from apikit import REDIS_DB, SCHEMA, npz_bytes  # noqa: E402
 @pytest.fixture(scope="session")
 def base_settings(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     servicekit.require_services(REDIS_DB)
-    from app.config import Settings
-    from app.db import migrate
+    from core.db import migrate
+    from core.settings import Settings
 
     url = servicekit.fresh_schema(SCHEMA)
     servicekit.flush_redis(REDIS_DB)
@@ -68,8 +68,8 @@ def client(make_client):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def new_tenant(client) -> Callable[[], dict[str, str]]:  # type: ignore[no-untyped-def]
     """Create a tenant with an API key; returns {'tenant_id', 'key', 'key_id', 'headers'}."""
-    from app.db import transaction
     from app.security import create_api_key, create_tenant
+    from core.db import transaction
 
     factory = client.app.state.sessionmaker
 

@@ -137,7 +137,8 @@ def chain_model(path: str | os.PathLike[str], n: int) -> None:
         numpy_helper.from_array(np.zeros(10, np.float32), "gb"),
     ]
     graph = helper.make_graph(
-        nodes, "chain",
+        nodes,
+        "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])],
         inits,

@@ -47,8 +47,8 @@ def test_wrong_scheme_is_401(client, tenant):
 
 
 def test_revoked_key_is_401(client, tenant):
-    from app.db import transaction
-    from app.models import ApiKey, utcnow
+    from core.db import transaction
+    from core.orm import ApiKey, utcnow
 
     assert client.get("/v1/models", headers=tenant["headers"]).status_code == 200
     with transaction(client.app.state.sessionmaker) as s:
@@ -59,8 +59,8 @@ def test_revoked_key_is_401(client, tenant):
 def test_keys_are_stored_hashed(client, tenant):
     from sqlalchemy import select
 
-    from app.models import ApiKey
     from app.security import hash_key
+    from core.orm import ApiKey
 
     with client.app.state.sessionmaker() as s:
         row = s.scalar(select(ApiKey).where(ApiKey.id == tenant["key_id"]))

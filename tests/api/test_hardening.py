@@ -1,5 +1,7 @@
 """Hostile requests that used to answer 500 or run bombs inside the API: each is now a 4xx
-with the documented error shape, decided from headers without decoding anything."""
+with the documented error shape, decided from headers without decoding anything.
+
+Over 400 lines on purpose: one short, independent test per hostile request, in one place."""
 
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ def test_offset_past_bigint_is_422(client, tenant, path):
 
 def test_events_after_and_last_event_id_overflow_are_4xx(client, uploaded):
     h = uploaded["headers"]
-    job = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"]))
+    job = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    )
     url = f"/v1/jobs/{job.json()['id']}/events"
     json_h = {**h, "Accept": "application/json"}
     _is_error(client.get(url, headers=json_h, params={"after": 2**63}), 422)
@@ -39,9 +43,7 @@ def test_events_after_and_last_event_id_overflow_are_4xx(client, uploaded):
     _is_error(client.get(url, headers={**json_h, "Last-Event-ID": "9" * 60}), 400)
     r = client.get(url, headers={**json_h, "Last-Event-ID": "9" * 5000})
     assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}
-    _is_error(
-        client.get(url, headers={**json_h, "Last-Event-ID": "١٢".encode()}), 400
-    )
+    _is_error(client.get(url, headers={**json_h, "Last-Event-ID": "١٢".encode()}), 400)
     assert client.get(url, headers={**json_h, "Last-Event-ID": "1"}).status_code == 200
 
 
@@ -103,7 +105,7 @@ def test_long_multipart_boundary_is_400_without_staging_leftovers(client, tenant
     staging = client.app.state.storage.staging_dir()
     before = set(staging.iterdir())
     boundary = "b" * 300
-    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.onnx\"\r\n\r\nabc\r\n--{boundary}--\r\n"
+    body = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.onnx"\r\n\r\nabc\r\n--{boundary}--\r\n'
     r = client.post(
         "/v1/models",
         headers={**tenant["headers"], "Content-Type": f"multipart/form-data; boundary={boundary}"},
@@ -162,8 +164,8 @@ def test_targz_declaring_a_gigabyte_member_is_422(client, tenant):
 
 
 def test_the_worker_refuses_the_same_bombs_before_decoding(tmp_path):
-    from workers.datasets import load_dataset
-    from workers.errors import BadDataset
+    from core.errors import BadDataset
+    from core.validation.datasets import load_dataset
 
     for name, data in (
         ("a.npz", hostile.npz_declaring()),
@@ -180,16 +182,22 @@ def test_header_summary_matches_the_decoded_dataset(tmp_path):
     """The API's header-only summary says what the worker will load."""
     import numpy as np
 
-    from workers.dataset_checks import inspect_dataset
-    from workers.datasets import load_dataset
+    from core.validation.dataset_checks import inspect_dataset
+    from core.validation.datasets import load_dataset
 
     (tmp_path / "d.npz").write_bytes(npz_bytes(n_train=30, n_test=7, shape=(3, 5, 4)))
     (tmp_path / "i.zip").write_bytes(hostile.tiny_png_zip(size=6, n=4))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "xy.npz", x=rng.random((50, 6), dtype=np.float32), y=rng.integers(0, 7, 50))
-    np.savez(tmp_path / "lm.npz", train=rng.integers(0, 90, (20, 9)), test=rng.integers(0, 90, (5, 9)))
-    for name, task in (("d.npz", "classification"), ("i.zip", "classification"),
-                       ("xy.npz", "classification"), ("lm.npz", "language_modeling")):
+    np.savez(
+        tmp_path / "lm.npz", train=rng.integers(0, 90, (20, 9)), test=rng.integers(0, 90, (5, 9))
+    )
+    for name, task in (
+        ("d.npz", "classification"),
+        ("i.zip", "classification"),
+        ("xy.npz", "classification"),
+        ("lm.npz", "language_modeling"),
+    ):
         summary = inspect_dataset(tmp_path / name, task=task).describe()
         ds = load_dataset(tmp_path / name, task=task)
         expected = ds.describe()
@@ -209,7 +217,9 @@ def test_submit_cancel_churn_hits_the_queued_cap(make_client, new_tenant, onnx_b
     for _ in range(3):
         job = c.post("/v1/jobs", headers=h, json=job_spec(m, d))
         assert job.status_code == 202, job.text
-        assert c.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=h).json()["status"] == "cancelled"
+        assert (
+            c.post(f"/v1/jobs/{job.json()['id']}/cancel", headers=h).json()["status"] == "cancelled"
+        )
     r = c.post("/v1/jobs", headers=h, json=job_spec(m, d))
     _is_error(r, 429, "too_many_queued_jobs")
     assert int(r.headers["retry-after"]) > 0
@@ -217,11 +227,13 @@ def test_submit_cancel_churn_hits_the_queued_cap(make_client, new_tenant, onnx_b
 
 def test_delete_job_removes_row_events_and_artifacts(client, uploaded):
     h = uploaded["headers"]
-    job = client.post("/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])).json()
+    job = client.post(
+        "/v1/jobs", headers=h, json=job_spec(uploaded["model_id"], uploaded["dataset_id"])
+    ).json()
     _is_error(client.delete(f"/v1/jobs/{job['id']}", headers=h), 409, "job_active")
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=h)
     storage = client.app.state.storage
-    from app.storage import job_prefix
+    from core.storage import job_prefix
 
     artifact = storage.root / job_prefix(uploaded["tenant_id"], job["id"]) / "model.onnx"
     artifact.parent.mkdir(parents=True)
@@ -234,7 +246,9 @@ def test_delete_job_removes_row_events_and_artifacts(client, uploaded):
 def test_storage_quota_is_429(make_client, new_tenant):
     c = make_client(storage_quota_bytes_per_tenant=len(npz_bytes()) + 100)
     h = new_tenant()["headers"]
-    assert c.post("/v1/datasets", headers=h, files={"file": ("a.npz", npz_bytes())}).status_code == 201
+    assert (
+        c.post("/v1/datasets", headers=h, files={"file": ("a.npz", npz_bytes())}).status_code == 201
+    )
     r = c.post("/v1/datasets", headers=h, files={"file": ("b.npz", npz_bytes(seed=1))})
     _is_error(r, 429, "storage_quota")
     assert r.headers["retry-after"]
@@ -244,7 +258,12 @@ def test_uploads_per_hour_quota_is_429(make_client, new_tenant):
     c = make_client(uploads_per_hour_per_tenant=2)
     h = new_tenant()["headers"]
     for seed in range(2):
-        assert c.post("/v1/datasets", headers=h, files={"file": ("a.npz", npz_bytes(seed=seed))}).status_code == 201
+        assert (
+            c.post(
+                "/v1/datasets", headers=h, files={"file": ("a.npz", npz_bytes(seed=seed))}
+            ).status_code
+            == 201
+        )
     r = c.post("/v1/datasets", headers=h, files={"file": ("a.npz", npz_bytes(seed=9))})
     _is_error(r, 429, "upload_quota")
 
@@ -281,7 +300,7 @@ def test_readyz_hides_error_text(make_client):
 def test_production_refuses_default_passwords_and_wildcard_proxies():
     from pydantic import ValidationError
 
-    from app.config import Settings
+    from core.settings import Settings
 
     good = {
         "environment": "production",
@@ -314,7 +333,7 @@ def test_openapi_documents_422_as_the_error_body(client):
 
 
 def _job_row(s, tenant_id: str, **values):  # type: ignore[no-untyped-def]
-    from app.models import Job
+    from core.orm import Job
 
     job = Job(tenant_id=tenant_id, spec={}, attempts=0, max_attempts=3, **values)
     s.add(job)
@@ -327,9 +346,9 @@ def test_reaper_republishes_only_really_lost_messages(client, tenant):
     been claimed (the queue went past it) or the workers are idle, it is."""
     from datetime import timedelta
 
-    from app.db import transaction
-    from app.models import Job, utcnow
-    from workers.resilience import lost_queued_jobs
+    from core.db import transaction
+    from core.orm import Job, utcnow
+    from worker.resilience import lost_queued_jobs
 
     factory = client.app.state.sessionmaker
     settings = client.app.state.settings.model_copy(update={"requeue_queued_after_s": 60})
@@ -340,17 +359,30 @@ def test_reaper_republishes_only_really_lost_messages(client, tenant):
             {"status": "cancelled"}, synchronize_session=False
         )
         waiting = _job_row(s, tenant["tenant_id"], status="queued", enqueued_at=old, created_at=old)
-        busy = _job_row(s, tenant["tenant_id"], status="running", enqueued_at=old - timedelta(minutes=1),
-                        started_at=old, heartbeat_at=now)
+        busy = _job_row(
+            s,
+            tenant["tenant_id"],
+            status="running",
+            enqueued_at=old - timedelta(minutes=1),
+            started_at=old,
+            heartbeat_at=now,
+        )
         fresh = _job_row(s, tenant["tenant_id"], status="queued", enqueued_at=now, created_at=now)
-        never = _job_row(s, tenant["tenant_id"], status="queued", created_at=now - timedelta(minutes=1))
+        never = _job_row(
+            s, tenant["tenant_id"], status="queued", created_at=now - timedelta(minutes=1)
+        )
         ids = {waiting.id, busy.id, fresh.id, never.id}
     with transaction(factory) as s:
         lost = {j.id for j in lost_queued_jobs(s, settings, utcnow())} & ids
     assert lost == {never.id}  # waiting sits behind a busy worker: not lost
     with transaction(factory) as s:  # a job published after `waiting` was claimed
-        _job_row(s, tenant["tenant_id"], status="succeeded", enqueued_at=old + timedelta(seconds=5),
-                 started_at=old + timedelta(seconds=10))
+        _job_row(
+            s,
+            tenant["tenant_id"],
+            status="succeeded",
+            enqueued_at=old + timedelta(seconds=5),
+            started_at=old + timedelta(seconds=10),
+        )
     with transaction(factory) as s:
         lost = {j.id for j in lost_queued_jobs(s, settings, utcnow())} & ids
     assert lost == {never.id, waiting.id}
@@ -364,18 +396,27 @@ def test_orphaned_run_dirs_and_expired_artifacts_are_removed(client, tenant, tmp
     import socket
     from datetime import timedelta
 
-    from app.db import transaction
-    from app.models import Job, utcnow
-    from app.storage import job_prefix
-    from workers.resilience import clean_orphan_runs, expire_artifacts
+    from core.db import transaction
+    from core.orm import Job, utcnow
+    from core.storage import job_prefix
+    from worker.resilience import clean_orphan_runs, expire_artifacts
 
     factory = client.app.state.sessionmaker
     storage = client.app.state.storage
     with transaction(factory) as s:
-        live = _job_row(s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:{os.getpid()}")
-        dead = _job_row(s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:999999999")
-        done = _job_row(s, tenant["tenant_id"], status="succeeded", finished_at=utcnow() - timedelta(days=3),
-                        artifacts={"model.onnx": {"key": "k", "size": 1}})
+        live = _job_row(
+            s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:{os.getpid()}"
+        )
+        dead = _job_row(
+            s, tenant["tenant_id"], status="running", worker=f"{socket.gethostname()}:999999999"
+        )
+        done = _job_row(
+            s,
+            tenant["tenant_id"],
+            status="succeeded",
+            finished_at=utcnow() - timedelta(days=3),
+            artifacts={"model.onnx": {"key": "k", "size": 1}},
+        )
         ids = (live.id, dead.id, done.id)
     runs = tmp_path / "runs"
     for job_id in ids:
@@ -389,7 +430,9 @@ def test_orphaned_run_dirs_and_expired_artifacts_are_removed(client, tenant, tmp
     artifact.write_bytes(b"x")
     settings = client.app.state.settings
     assert expire_artifacts(factory, storage, settings) == []  # retention off
-    expired = expire_artifacts(factory, storage, settings.model_copy(update={"artifact_retention_days": 1}))
+    expired = expire_artifacts(
+        factory, storage, settings.model_copy(update={"artifact_retention_days": 1})
+    )
     assert done.id in expired and not artifact.exists()
     with transaction(factory) as s:
         assert s.get(Job, done.id).artifacts is None
@@ -400,7 +443,7 @@ def test_orphaned_run_dirs_and_expired_artifacts_are_removed(client, tenant, tmp
 def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     import sqlalchemy.exc
 
-    from workers.resilience import retry_transient
+    from worker.resilience import retry_transient
 
     calls, sleeps = [], []
 
@@ -413,9 +456,13 @@ def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     assert retry_transient(flaky, "test", sleep=sleeps.append) == "ok"
     assert sleeps == [0.5, 1.0, 2.0]
     with pytest.raises(ValueError):
-        retry_transient(lambda: (_ for _ in ()).throw(ValueError("bug")), "test", sleep=sleeps.append)
+        retry_transient(
+            lambda: (_ for _ in ()).throw(ValueError("bug")), "test", sleep=sleeps.append
+        )
     with pytest.raises(sqlalchemy.exc.OperationalError):  # the budget runs out
         retry_transient(
             lambda: (_ for _ in ()).throw(sqlalchemy.exc.OperationalError("x", {}, OSError())),
-            "test", budget_s=0.0, sleep=sleeps.append,
+            "test",
+            budget_s=0.0,
+            sleep=sleeps.append,
         )

@@ -31,7 +31,10 @@ def test_create_job_is_202_with_location_and_enqueued_by_id(client, uploaded):
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["status"] == "queued" and job["progress"] == 0.0 and job["attempts"] == 0
     assert job["spec"]["method"]["params"] == {  # defaults filled in
-        "allocation": "uniform", "normalizer": "none", "group_reduction": "sum", "inputs": True,
+        "allocation": "uniform",
+        "normalizer": "none",
+        "group_reduction": "sum",
+        "inputs": True,
     }
     messages = _queue_messages(client)
     assert len(messages) == before + 1
@@ -41,7 +44,7 @@ def test_create_job_is_202_with_location_and_enqueued_by_id(client, uploaded):
     args, kwargs, _embed = json.loads(base64.b64decode(newest["body"]))
     assert args == [job["id"]] and kwargs == {}  # the message carries only the job id
     # enqueued after the commit, then stamped
-    from app.models import Job
+    from core.orm import Job
 
     with client.app.state.sessionmaker() as s:
         assert s.get(Job, job["id"]).enqueued_at is not None
@@ -188,8 +191,8 @@ def test_report_and_artifacts_before_success(client, uploaded):
 
 
 def test_cancel_finished_job_is_409(client, uploaded):
-    from app.db import transaction
-    from app.models import Job
+    from core.db import transaction
+    from core.orm import Job
 
     h = uploaded["headers"]
     job = client.post(
@@ -233,7 +236,7 @@ def test_rate_limit_is_429_with_retry_after(make_client, new_tenant):
 
 
 def _method_names() -> list[str]:
-    from workers.methods.catalog import list_methods
+    from methods.registry import list_methods
 
     return [m.name for m in list_methods()]
 
@@ -241,7 +244,7 @@ def _method_names() -> list[str]:
 @pytest.mark.parametrize("method", _method_names())
 def test_every_registered_method_is_accepted_or_refused_with_a_reason(client, uploaded, method):
     """Parametrised over the registry: a new method is covered the moment it is registered."""
-    from workers.methods.catalog import get_method
+    from methods.registry import get_method
 
     info = get_method(method)
     spec = job_spec(

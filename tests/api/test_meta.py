@@ -11,7 +11,7 @@ import servicekit
 
 
 def test_methods_lists_every_registered_method(client):
-    from workers.methods.catalog import list_methods
+    from methods.registry import list_methods
 
     r = client.get("/v1/methods")
     assert r.status_code == 200
@@ -79,10 +79,10 @@ def test_api_imports_neither_torch_nor_the_engine():
     code = (
         "import sys\n"
         "from app.main import create_app\n"
-        "from app.config import Settings\n"
-        "import app.routes.jobs, app.routes.models, app.routes.datasets, app.admin, app.serve, workers.tasks\n"
+        "from core.settings import Settings\n"
+        "import app.features.jobs.router, app.features.models.router, app.features.datasets.router, app.admin, worker.tasks\n"
         "create_app(Settings(database_url='sqlite://', broker_url='memory://'))\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers.engine', 'onnxruntime')))\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.split('.')[0] in ('engine', 'onnxruntime'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
@@ -95,8 +95,8 @@ def test_api_imports_neither_torch_nor_the_engine():
 def test_sdk_imports_only_httpx_and_pydantic():
     code = (
         "import sys\n"
-        "import prunery, prunery.client, prunery.remote_cli, prunery.errors\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'workers', 'torch', 'fastapi', 'sqlalchemy', 'celery', 'onnx', 'numpy'))\n"
+        "import prunery, prunery.client, prunery.cli, prunery.errors\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'core', 'worker', 'engine', 'methods', 'torch', 'fastapi', 'sqlalchemy', 'celery', 'onnx', 'numpy'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )

@@ -17,8 +17,8 @@ def test_upgrade_matches_the_orm_and_downgrades(scratch_settings):
     from alembic.migration import MigrationContext
     from sqlalchemy import create_engine, inspect
 
-    from app.db import downgrade, migrate
-    from app.models import Base
+    from core.db import downgrade, migrate
+    from core.orm import Base
 
     migrate(scratch_settings)
     engine = create_engine(scratch_settings.database_url)
@@ -45,7 +45,7 @@ def test_upgrade_matches_the_orm_and_downgrades(scratch_settings):
 def test_migrations_also_build_sqlite(tmp_path, base_settings):
     from sqlalchemy import create_engine, inspect
 
-    from app.db import migrate
+    from core.db import migrate
 
     settings = base_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'p.db'}"})
     migrate(settings)

@@ -7,7 +7,7 @@ from apikit import npz_bytes
 
 
 def test_local_put_is_atomic_and_keys_are_checked(tmp_path):
-    from app.storage import LocalStorage
+    from core.storage import LocalStorage
 
     store = LocalStorage(tmp_path / "store")
     src = store.staging_dir() / "x.bin"
@@ -40,7 +40,7 @@ def s3(monkeypatch):
 
 
 def test_s3_backend_round_trip(s3, base_settings, tmp_path):
-    from app.storage import S3Storage
+    from core.storage import S3Storage
 
     settings = base_settings.model_copy(
         update={

@@ -44,7 +44,7 @@ def test_model_get_list_delete(client, tenant, onnx_bytes):
     listing = client.get("/v1/models", headers=h, params={"limit": 1}).json()
     assert listing["count"] == 1 and listing["data"][0]["id"] == mid
     storage = client.app.state.storage
-    from app.storage import model_key
+    from core.storage import model_key
 
     assert storage.exists(model_key(tenant["tenant_id"], mid))
     assert client.delete(f"/v1/models/{mid}", headers=h).status_code == 204

@@ -27,24 +27,45 @@ def reduced(name: str) -> nn.Module:
     if name == "shufflenet_v2_x0_5":
         return tvm.ShuffleNetV2([2, 2, 2], [24, 48, 96, 192, 256], num_classes=NUM_CLASSES)
     if name == "regnet_x_400mf":
-        params = tvm.regnet.BlockParams.from_init_params(depth=6, w_0=16, w_a=12.0, w_m=2.0, group_width=8)
+        params = tvm.regnet.BlockParams.from_init_params(
+            depth=6, w_0=16, w_a=12.0, w_m=2.0, group_width=8
+        )
         return tvm.RegNet(params, num_classes=NUM_CLASSES)
     if name == "convnext_tiny":
         cfg = tvm.convnext.CNBlockConfig
         setting = [cfg(16, 32, 1), cfg(32, 64, 1), cfg(64, None, 1)]
-        return tvm.ConvNeXt(setting, stochastic_depth_prob=0.0, layer_scale=0.5, num_classes=NUM_CLASSES)
+        return tvm.ConvNeXt(
+            setting, stochastic_depth_prob=0.0, layer_scale=0.5, num_classes=NUM_CLASSES
+        )
     if name == "resnext50_32x4d":
-        return tvm.ResNet(tvm.resnet.Bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4, num_classes=NUM_CLASSES)
+        return tvm.ResNet(
+            tvm.resnet.Bottleneck,
+            [1, 1, 1, 1],
+            groups=8,
+            width_per_group=4,
+            num_classes=NUM_CLASSES,
+        )
     if name == "mobilenet_v3_small":
         return tvm.mobilenet_v3_small(width_mult=0.5, num_classes=NUM_CLASSES)
     if name == "efficientnet_b0":
-        setting, last = tvm.efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.5, depth_mult=0.34)
+        setting, last = tvm.efficientnet._efficientnet_conf(
+            "efficientnet_b0", width_mult=0.5, depth_mult=0.34
+        )
         norm = partial(nn.BatchNorm2d, eps=1e-3)
-        return tvm.EfficientNet(setting, 0.2, last_channel=last, num_classes=NUM_CLASSES, norm_layer=norm)
+        return tvm.EfficientNet(
+            setting, 0.2, last_channel=last, num_classes=NUM_CLASSES, norm_layer=norm
+        )
     raise KeyError(name)
 
 
-REDUCED = ("shufflenet_v2_x0_5", "regnet_x_400mf", "convnext_tiny", "resnext50_32x4d", "mobilenet_v3_small", "efficientnet_b0")
+REDUCED = (
+    "shufflenet_v2_x0_5",
+    "regnet_x_400mf",
+    "convnext_tiny",
+    "resnext50_32x4d",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+)
 
 
 def full(name: str) -> nn.Module:
@@ -77,8 +98,14 @@ def export(model: nn.Module, path: Path, size: int, dynamo: bool) -> Path:
         torch.onnx.export(model, (x,), str(tmp), dynamic_shapes=({0: batch},), verbose=False)
     else:
         torch.onnx.export(
-            model, (x,), str(tmp), dynamo=False, opset_version=17, input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            model,
+            (x,),
+            str(tmp),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )
     m = onnx.load(str(tmp))
     onnx.save(m, str(path), save_as_external_data=False)
@@ -100,4 +127,12 @@ def image_npz(path: Path, size: int, train: int = 64, test: int = 32) -> Path:
 
 
 # Reasons that must never appear for these models: the structures this kit exists to cover.
-STRUCTURAL = ("groups=", "grouped convolution", "shuffle", "does not settle", "must match", "Reshape", "does not exist")
+STRUCTURAL = (
+    "groups=",
+    "grouped convolution",
+    "shuffle",
+    "does not settle",
+    "must match",
+    "Reshape",
+    "does not exist",
+)

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 import zoo
+from engine import graph, importance, progressive, recovery, train
+from engine.flops import torch_costs
+from engine.method import PruneContext
+from methods import registry
+from methods.auto import AutoParams
+from methods.auto import impl as auto_mod
+from methods.l1_norm import L1NormParams
+from methods.l1_norm.impl import L1Norm
 from prunery.spec import JobSpec
-from workers.engine import graph, importance, progressive, recovery, train
-from workers.engine.flops import torch_costs
-from workers.engine.method import PruneContext
-from workers.methods import auto as auto_mod
-from workers.methods.catalog import AutoParams, L1NormParams
-from workers.methods.l1_norm import L1Norm
 
 torch.set_num_threads(1)
 
@@ -36,7 +38,9 @@ class TwoBranch(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def _group_of(model: nn.Module, example: torch.Tensor, layer: str) -> tuple[object, graph.ChannelGroup]:
+def _group_of(
+    model: nn.Module, example: torch.Tensor, layer: str
+) -> tuple[object, graph.ChannelGroup]:
     dg = graph.build_dependency_graph(model, example)
     group = graph.full_group(model, dg, layer)
     return dg, graph.ChannelGroup(layer, len(group[0].idxs), [])
@@ -65,7 +69,7 @@ def test_layer_normalisation_stops_a_layer_with_uniformly_large_weights_deciding
     # Normalised per layer before the sum, the dead channels of `b` go first.
     assert two_lowest(normalised) == {2, 5}
     # The raw setting reproduces the engine's old group sum exactly.
-    from workers.methods.l1_norm import filter_l1
+    from methods.base.scoring import filter_l1
 
     assert torch.allclose(raw, graph.channel_scores(model, dg, "a", filter_l1), rtol=1e-5)
 
@@ -73,20 +77,29 @@ def test_layer_normalisation_stops_a_layer_with_uniformly_large_weights_deciding
 def test_taylor_scores_a_channel_the_network_ignores_lowest():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10),
+        nn.Conv2d(1, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 10),
     ).eval()
     ignored = 3
     with torch.no_grad():
         model[0].weight[ignored] *= 10.0  # the largest filter by far ...
-        model[2].weight[:, ignored] = 0.0  # ... whose output nothing reads: removing it changes nothing
+        model[2].weight[:, ignored] = (
+            0.0  # ... whose output nothing reads: removing it changes nothing
+        )
     data = zoo.digits_arrays()
     x = torch.from_numpy(data["x_train"][:256])
     y = torch.from_numpy(data["y_train"][:256]).long()
     example = x[:1]
     dg, g = _group_of(model, example, "0")
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
-    scores = importance.taylor(model, example, [g], batches, train.task_loss, torch.device("cpu"))["0"]
+    scores = importance.taylor(model, example, [g], batches, train.task_loss, torch.device("cpu"))[
+        "0"
+    ]
     assert int(torch.argmin(scores)) == ignored
     assert float(scores[ignored]) <= 1e-12 * float(scores.max())
     l1 = importance.magnitude(model, dg, [g], normalizer="none")["0"]
@@ -106,17 +119,35 @@ class _TestSplitGuard(train.TensorData):
 def _small_ctx(spec: JobSpec, data: train.TensorData, trained: bool = True) -> PruneContext:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     ).eval()
     if trained:
-        train.train(model, train.TensorData(data.x_train, data.y_train, data.x_train[:1], data.y_train[:1]),
-                    epochs=2, lr=3e-3, device=torch.device("cpu"))
+        train.train(
+            model,
+            train.TensorData(data.x_train, data.y_train, data.x_train[:1], data.y_train[:1]),
+            epochs=2,
+            lr=3e-3,
+            device=torch.device("cpu"),
+        )
     example = data.x_train[:1]
     analysis = graph.analyse(model, example, data.x_train[:16])
     return PruneContext(
-        spec=spec, model=model, example=example, calibration=data.x_train[:128], data=data, analysis=analysis,
-        base_costs=torch_costs(model, example), device=torch.device("cpu"), seed=0, progress=lambda f, m: None,
+        spec=spec,
+        model=model,
+        example=example,
+        calibration=data.x_train[:128],
+        data=data,
+        analysis=analysis,
+        base_costs=torch_costs(model, example),
+        device=torch.device("cpu"),
+        seed=0,
+        progress=lambda f, m: None,
     )
 
 
@@ -152,11 +183,18 @@ def test_validation_split_is_carved_from_training_data_only():
     assert len(screen.x_train) + len(screen.x_test) == n
     assert abs(len(screen.x_test) - 0.2 * n) <= 1
     rows = {tuple(r.tolist()) for r in data.x_train.flatten(1)}
-    assert all(tuple(r.tolist()) in rows for r in screen.x_test.flatten(1))  # validation rows come from train
+    assert all(
+        tuple(r.tolist()) in rows for r in screen.x_test.flatten(1)
+    )  # validation rows come from train
 
 
 def test_progressive_steps_reach_the_target_with_the_epochs_shared_out():
-    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.4}, recovery={"epochs": 3}, schedule={"steps": 3})
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.4},
+        recovery={"epochs": 3},
+        schedule={"steps": 3},
+    )
     ctx = _small_ctx(spec, _digits(guarded=False))
     result = progressive.run(L1Norm(L1NormParams()), ctx, "l1_norm")
     hist = result.details["progressive"]["history"]
@@ -164,55 +202,99 @@ def test_progressive_steps_reach_the_target_with_the_epochs_shared_out():
     kept = [h["kept"] for h in hist]
     assert kept[0] > kept[1] > kept[2] and abs(kept[2] - 0.4) <= 0.01
     assert abs(torch_costs(result.model, ctx.example).macs / ctx.base_costs.macs - 0.4) <= 0.01
-    assert result.recovery_epochs == pytest.approx(1.0)  # 3 epochs: 1 after step 1, 1 after step 2, 1 final
+    assert result.recovery_epochs == pytest.approx(
+        1.0
+    )  # 3 epochs: 1 after step 1, 1 after step 2, 1 final
     assert [h["recovery_epochs"] for h in hist] == [1.0, 1.0, 0.0]
 
 
 def test_distillation_is_on_by_default_and_switchable_off():
     on = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
-    off = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"distill": {"enabled": False}})
-    assert recovery.distillation(on) == {"alpha": 0.5, "temperature": 2.0, "source": "recovery.distill"}
+    off = JobSpec(
+        method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"distill": {"enabled": False}}
+    )
+    assert recovery.distillation(on) == {
+        "alpha": 0.5,
+        "temperature": 2.0,
+        "source": "recovery.distill",
+    }
     assert recovery.distillation(off) is None
     # a method's own distillation (TAS) wins over the spec's
     assert recovery.distillation(off, {"alpha": 0.9, "temperature": 4.0})["source"] == "method"
 
 
-def test_auto_job_reports_its_leaderboard_and_the_distillation_used(zoo_model, digits_npz, tmp_path):
-    from workers.engine import run
+def test_auto_job_reports_its_leaderboard_and_the_distillation_used(
+    zoo_model, digits_npz, tmp_path
+):
+    from engine import run
 
     # Two cheap candidates keep this fast; the default candidates run in tests/test_registry.py.
     method = {"name": "auto", "params": {"candidates": ["l1_norm", "taylor"], "screen_epochs": 0.5}}
     spec = JobSpec(method=method, target={"flops": 0.5}, recovery={"epochs": 1})
-    report = run(spec, zoo_model("vgg"), digits_npz, tmp_path / "out", latency_runs=20)
+    report = run(
+        spec, zoo_model("vgg"), digits_npz, tmp_path / "out", latency_runs=20, catalog=registry
+    )
     assert report.method["name"] == "auto"
     auto = report.method_details["auto"]
     assert auto["winner"] in [r["method"] for r in auto["leaderboard"]] and auto["why"]
     assert auto["validation_samples"] > 0 and auto["seconds"] >= auto["winner_seconds"]
-    assert report.recovery["distill_used"] == {"alpha": 0.5, "temperature": 2.0, "source": "recovery.distill"}
-    assert any("distilled" in n for n in report.notes) and any("auto chose" in n for n in report.notes)
+    assert report.recovery["distill_used"] == {
+        "alpha": 0.5,
+        "temperature": 2.0,
+        "source": "recovery.distill",
+    }
+    assert any("distilled" in n for n in report.notes) and any(
+        "auto chose" in n for n in report.notes
+    )
     assert report.target.met
 
 
 def test_cli_defaults_to_auto_and_takes_no_distill_and_steps(tmp_path):
-    from workers.engine import local
+    from server_cli import prune as local
 
     base = ["m.onnx", "--data", "d.npz", "--target-flops", "0.5", "--out", str(tmp_path)]
     spec = local.build_spec(local.build_parser().parse_args(base))
     assert spec.method.name == "auto" and spec.recovery.distill.enabled and spec.schedule.steps == 1
-    spec = local.build_spec(local.build_parser().parse_args([*base, "--method", "taylor", "--no-distill", "--steps", "3"]))
-    assert spec.method.name == "taylor" and not spec.recovery.distill.enabled and spec.schedule.steps == 3
+    spec = local.build_spec(
+        local.build_parser().parse_args(
+            [*base, "--method", "taylor", "--no-distill", "--steps", "3"]
+        )
+    )
+    assert (
+        spec.method.name == "taylor"
+        and not spec.recovery.distill.enabled
+        and spec.schedule.steps == 3
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ({"method": {"name": "tas"}, "target": {"flops": 0.5}, "schedule": {"steps": 2}}, "scores channels"),
-        ({"method": {"name": "l1_norm"}, "target": {"layers": {"0": 0.5}}, "schedule": {"steps": 2}}, "target.layers"),
-        ({"method": {"name": "l1_norm"}, "target": {"flops": 0.5}, "schedule": {"steps": 2}, "recovery": {"mode": "scratch"}}, "scratch"),
+        (
+            {"method": {"name": "tas"}, "target": {"flops": 0.5}, "schedule": {"steps": 2}},
+            "scores channels",
+        ),
+        (
+            {
+                "method": {"name": "l1_norm"},
+                "target": {"layers": {"0": 0.5}},
+                "schedule": {"steps": 2},
+            },
+            "target.layers",
+        ),
+        (
+            {
+                "method": {"name": "l1_norm"},
+                "target": {"flops": 0.5},
+                "schedule": {"steps": 2},
+                "recovery": {"mode": "scratch"},
+            },
+            "scratch",
+        ),
     ],
 )
 def test_progressive_refuses_what_it_cannot_step(spec, fragment):
-    from workers.errors import BadSpec
+    from core.errors import BadSpec
 
     ctx = _small_ctx(JobSpec.model_validate(spec), _digits(guarded=False), trained=False)
     with pytest.raises(BadSpec, match=fragment):

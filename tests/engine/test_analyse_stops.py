@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cnnkit  # noqa: E402
 
-from workers.engine import bounded, graph  # noqa: E402
-from workers.engine.bounded import AnalyseTimeout  # noqa: E402
+from engine import bounded, graph  # noqa: E402
+from engine.bounded import AnalyseTimeout  # noqa: E402
+from engine.graph import search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,15 +30,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys, torch
 torch.set_num_threads(1)
-from workers.engine import graph
+from engine.graph import search
 
 def stuck(*args, **kwargs):
     x = torch.randn(128, 128)
     while True:
         x = torch.tanh(x @ x)
 
-graph.probe_groups = stuck
-from workers.engine.local import main
+search.probe_groups = stuck  # where graph.analyse() looks it up
+from server_cli.prune import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -45,7 +46,9 @@ sys.exit(main(sys.argv[1:]))
 class Small(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        )
         self.head = nn.Linear(8, cnnkit.NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,18 +59,42 @@ class Small(nn.Module):
 def small(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("stop")
     torch.manual_seed(0)
-    return cnnkit.export(Small(), d / "small.onnx", 16, False), cnnkit.image_npz(d / "d.npz", 16, 16, 8)
+    return cnnkit.export(Small(), d / "small.onnx", 16, False), cnnkit.image_npz(
+        d / "d.npz", 16, 16, 8
+    )
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "sigint"])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "sigint"]
+)
 def test_stuck_analyse_stops_on_signal_and_leaves_nothing(small, tmp_path, sig, code):
     model, data = small
     out = tmp_path / "result"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk'}", "PRUNERY_ANALYSE_SECONDS": "3600"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'sdk'}",
+        "PRUNERY_ANALYSE_SECONDS": "3600",
+    }
     proc = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(model), "--data", str(data), "--recovery", "none",
-         "--target-flops", "0.5", "--out", str(out)],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            str(model),
+            "--data",
+            str(data),
+            "--recovery",
+            "none",
+            "--target-flops",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         seen = ""
@@ -108,14 +135,16 @@ def _spinning_probe(calls: list[int]):
 def test_analyse_budget_names_where_it_gave_up(monkeypatch):
     torch.manual_seed(0)
     model = torch.fx.symbolic_trace(Small().eval())
-    monkeypatch.setattr(graph, "probe_groups", _spinning_probe([0]))
+    monkeypatch.setattr(search, "probe_groups", _spinning_probe([0]))
     x = torch.randn(4, 3, 16, 16)
     t0 = time.monotonic()
     with pytest.raises(AnalyseTimeout) as info:
         graph.analyse(model, x[:1], x, seconds=1.0)
     assert time.monotonic() - t0 < 10
     msg = str(info.value)
-    assert "budget of 1 s" in msg and "proving groups safe" in msg and "probing body.2, body.0" in msg
+    assert (
+        "budget of 1 s" in msg and "proving groups safe" in msg and "probing body.2, body.0" in msg
+    )
 
 
 def test_cancel_reaches_inside_analyse(monkeypatch):
@@ -127,7 +156,7 @@ def test_cancel_reaches_inside_analyse(monkeypatch):
     torch.manual_seed(0)
     model = torch.fx.symbolic_trace(Small().eval())
     calls = [0]
-    monkeypatch.setattr(graph, "probe_groups", _spinning_probe(calls))
+    monkeypatch.setattr(search, "probe_groups", _spinning_probe(calls))
     messages: list[str] = []
     t0 = time.monotonic()
 

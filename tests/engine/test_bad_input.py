@@ -13,19 +13,33 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 import zoo
-from workers import datasets
-from workers.engine import local
-from workers.errors import BadDataset
+from core.errors import BadDataset
+from core.validation import datasets
+from prunery.types import ExitCode
+from server_cli import prune as local
 
 
 def _cli(model: Path, data: Path, out: Path, *extra: str) -> int:
-    return local.main([str(model), "--data", str(data), "--target-flops", "0.5", "--epochs", "1",
-                       "--out", str(out), "--quiet", *extra])
+    return local.main(
+        [
+            str(model),
+            "--data",
+            str(data),
+            "--target-flops",
+            "0.5",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def _assert_refused(capsys, code: int, out: Path, *phrases: str) -> None:
     err = capsys.readouterr().err
-    assert code == local.EXIT_BAD_INPUT, err
+    assert code == ExitCode.BAD_INPUT, err
     assert err.startswith("prunery prune: error:"), err
     for phrase in phrases:
         assert phrase.lower() in err.lower(), err
@@ -41,7 +55,13 @@ def vgg(zoo_model) -> Path:
 def test_truncated_onnx(tmp_path, vgg, digits_npz, capsys):
     bad = tmp_path / "trunc.onnx"
     bad.write_bytes(vgg.read_bytes()[: vgg.stat().st_size // 2])
-    _assert_refused(capsys, _cli(bad, digits_npz, tmp_path / "o"), tmp_path / "o", "not a readable ONNX", "truncated")
+    _assert_refused(
+        capsys,
+        _cli(bad, digits_npz, tmp_path / "o"),
+        tmp_path / "o",
+        "not a readable ONNX",
+        "truncated",
+    )
 
 
 def test_not_onnx_at_all(tmp_path, digits_npz, capsys):
@@ -61,7 +81,9 @@ def test_external_data_path_escape(tmp_path, vgg, digits_npz, capsys):
         e.key, e.value = k, v
     bad = tmp_path / "escape.onnx"
     bad.write_bytes(m.SerializeToString())
-    _assert_refused(capsys, _cli(bad, digits_npz, tmp_path / "o"), tmp_path / "o", "outside the upload")
+    _assert_refused(
+        capsys, _cli(bad, digits_npz, tmp_path / "o"), tmp_path / "o", "outside the upload"
+    )
 
 
 @pytest.mark.parametrize("opset", [7, 99])
@@ -70,7 +92,13 @@ def test_opset_out_of_range(tmp_path, vgg, digits_npz, capsys, opset):
     m.opset_import[0].version = opset
     bad = tmp_path / "opset.onnx"
     bad.write_bytes(m.SerializeToString())
-    _assert_refused(capsys, _cli(bad, digits_npz, tmp_path / "o"), tmp_path / "o", f"opset {opset}", "supported range")
+    _assert_refused(
+        capsys,
+        _cli(bad, digits_npz, tmp_path / "o"),
+        tmp_path / "o",
+        f"opset {opset}",
+        "supported range",
+    )
 
 
 def test_nan_weights(tmp_path, vgg, digits_npz, capsys):
@@ -85,16 +113,29 @@ def test_nan_weights(tmp_path, vgg, digits_npz, capsys):
 
 def test_pickled_npz(tmp_path, vgg, capsys):
     bad = tmp_path / "pickled.npz"
-    np.savez(bad, x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1), x_test=np.zeros(1), y_test=np.zeros(1))
+    np.savez(
+        bad,
+        x_train=np.array([{"a": 1}], dtype=object),
+        y_train=np.zeros(1),
+        x_test=np.zeros(1),
+        y_test=np.zeros(1),
+    )
     _assert_refused(capsys, _cli(vgg, bad, tmp_path / "o"), tmp_path / "o", "pickle")
 
 
 def test_wrong_input_shape(tmp_path, vgg, capsys):
     bad = tmp_path / "shape.npz"
     rng = np.random.default_rng(0)
-    np.savez(bad, x_train=rng.random((20, 1, 10, 10), dtype=np.float32), y_train=np.zeros(20, np.int64),
-             x_test=rng.random((5, 1, 10, 10), dtype=np.float32), y_test=np.zeros(5, np.int64))
-    _assert_refused(capsys, _cli(vgg, bad, tmp_path / "o"), tmp_path / "o", "[1, 10, 10]", "expects")
+    np.savez(
+        bad,
+        x_train=rng.random((20, 1, 10, 10), dtype=np.float32),
+        y_train=np.zeros(20, np.int64),
+        x_test=rng.random((5, 1, 10, 10), dtype=np.float32),
+        y_test=np.zeros(5, np.int64),
+    )
+    _assert_refused(
+        capsys, _cli(vgg, bad, tmp_path / "o"), tmp_path / "o", "[1, 10, 10]", "expects"
+    )
 
 
 def test_labels_beyond_model_outputs(tmp_path, vgg, capsys):
@@ -112,14 +153,47 @@ def test_missing_arrays_in_npz(tmp_path, vgg, capsys):
 
 
 def test_unknown_method_and_bad_params(tmp_path, vgg, digits_npz, capsys):
-    _assert_refused(capsys, local.main([str(vgg), "--data", str(digits_npz), "--method", "magic", "--target-flops", "0.5",
-                                        "--out", str(tmp_path / "o"), "--quiet"]), tmp_path / "o", "unknown method", "l1_norm")
-    _assert_refused(capsys, _cli(vgg, digits_npz, tmp_path / "o", "--method-param", "allocation=sideways"),
-                    tmp_path / "o", "allocation")
+    _assert_refused(
+        capsys,
+        local.main(
+            [
+                str(vgg),
+                "--data",
+                str(digits_npz),
+                "--method",
+                "magic",
+                "--target-flops",
+                "0.5",
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+            ]
+        ),
+        tmp_path / "o",
+        "unknown method",
+        "l1_norm",
+    )
+    _assert_refused(
+        capsys,
+        _cli(vgg, digits_npz, tmp_path / "o", "--method-param", "allocation=sideways"),
+        tmp_path / "o",
+        "allocation",
+    )
 
 
 def test_unreachable_budget(tmp_path, vgg, digits_npz, capsys):
-    code = local.main([str(vgg), "--data", str(digits_npz), "--target-flops", "0.01", "--out", str(tmp_path / "o"), "--quiet"])
+    code = local.main(
+        [
+            str(vgg),
+            "--data",
+            str(digits_npz),
+            "--target-flops",
+            "0.01",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     # The one thing left behind is the analysis, so the excluded layers can be read.
     analysis = tmp_path / "o" / "analysis.json"
     assert analysis.is_file()
@@ -181,7 +255,9 @@ def test_image_folder_archive_loads(tmp_path):
     ds = datasets.load_dataset(good, grayscale=True, mean=[0.5], std=[0.25])
     assert ds.x_train.shape == (12, 1, 8, 8) and ds.x_test.shape == (4, 1, 8, 8)
     assert ds.classes == ["cat", "dog"] and set(ds.y_train.tolist()) == {0, 1}
-    np.testing.assert_allclose(ds.x_train[ds.y_train == 1].max(), (200 / 255 - 0.5) / 0.25, rtol=1e-5)
+    np.testing.assert_allclose(
+        ds.x_train[ds.y_train == 1].max(), (200 / 255 - 0.5) / 0.25, rtol=1e-5
+    )
 
 
 def test_outdir_untouched_on_failure_when_it_exists(tmp_path, digits_npz, capsys):
@@ -191,5 +267,5 @@ def test_outdir_untouched_on_failure_when_it_exists(tmp_path, digits_npz, capsys
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x01garbage")
     code = _cli(bad, digits_npz, out)
-    assert code == local.EXIT_BAD_INPUT
+    assert code == ExitCode.BAD_INPUT
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

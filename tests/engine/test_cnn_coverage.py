@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cnnkit  # noqa: E402
 
+from engine import graph, load, run  # noqa: E402
+from methods import registry
 from prunery.spec import JobSpec  # noqa: E402
-from workers.engine import graph, load, run  # noqa: E402
 
 SIZE = 32
 
@@ -37,14 +38,21 @@ def images(tmp_path_factory) -> Path:
     return cnnkit.image_npz(tmp_path_factory.mktemp("cnn") / "images.npz", SIZE)
 
 
-@pytest.mark.parametrize(("name", "dynamo"), CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
+@pytest.mark.parametrize(
+    ("name", "dynamo"), CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES]
+)
 def test_prunes_to_half_the_macs(name, dynamo, images, tmp_path):
     torch.set_num_threads(2)
     path = cnnkit.export(cnnkit.reduced(name), tmp_path / f"{name}.onnx", SIZE, dynamo)
     # Coverage of structures, not speed (random-init reduced models; benchmarks/coverage.py
     # measures speedups): the min_speedup gate is off here.
-    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, recovery={"mode": "none"}, gates={"min_speedup": None})
-    report = run(spec, path, images, tmp_path / "out", latency_runs=20)
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.5},
+        recovery={"mode": "none"},
+        gates={"min_speedup": None},
+    )
+    report = run(spec, path, images, tmp_path / "out", latency_runs=20, catalog=registry)
     assert abs(report.target.achieved - 0.5) <= 0.01 and report.target.met
     assert report.gates_passed and [g.name for g in report.gates] == ["target"]
     # Only the classifier is excluded, for being the output; no structural exclusions.
@@ -64,14 +72,16 @@ def test_channel_shuffle_is_a_permutation_that_follows_pruning(tmp_path):
     passes through it removes the permuted channels (the walk settles in a few steps)."""
     path = cnnkit.export(cnnkit.reduced("shufflenet_v2_x0_5"), tmp_path / "s.onnx", SIZE, False)
     loaded = load.load(path, (3, SIZE, SIZE))
-    from workers.engine.shuffle import ChannelPermute, ChannelSlice
+    from engine.shuffle import ChannelPermute, ChannelSlice
 
     kinds = [type(m) for m in loaded.module.modules()]
     assert kinds.count(ChannelPermute) == 6 and kinds.count(ChannelSlice) == 6
     x = torch.randn(4, 3, SIZE, SIZE)
     analysis = graph.analyse(loaded.module, x[:1], x)
     assert analysis.probes <= 3  # batched: one probe proves every group
-    root = next(g.name for g in analysis.groups if g.name.endswith("stage2/1/branch2/branch2/5/Conv"))
+    root = next(
+        g.name for g in analysis.groups if g.name.endswith("stage2/1/branch2/branch2/5/Conv")
+    )
     pruned = graph.prune_copy(loaded.module, x[:1], {root: [0, 5, 7]})
     with torch.no_grad():
         assert pruned(x).shape == (4, 10)
@@ -83,7 +93,9 @@ def test_grouped_conv_removes_whole_offsets():
     """A request inside a grouped conv is projected onto offsets removed from every block."""
     from torch import nn
 
-    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 8, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 8, 1)
+    ).eval()
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 8, 8)
     dg = graph.build_dependency_graph(gm, x[:1])
@@ -99,13 +111,15 @@ def test_grouped_conv_removes_whole_offsets():
 def test_layer_scale_is_sliced_with_its_channels(tmp_path):
     path = cnnkit.export(cnnkit.reduced("convnext_tiny"), tmp_path / "c.onnx", SIZE, False)
     loaded = load.load(path, (3, SIZE, SIZE))
-    from workers.engine.channel_consts import ChannelConstant
+    from engine.channel_consts import ChannelConstant
 
     scales = [m for m in loaded.module.modules() if isinstance(m, ChannelConstant)]
     assert len(scales) == 3 and any("layer scale" in n for n in loaded.notes)
     x = torch.randn(4, 3, SIZE, SIZE)
     root = "features/features/0/features/0/0/Conv"  # the stem: stage 1's residual stream
     pruned = graph.prune_copy(loaded.module, x[:1], {root: [1, 2, 3]})
-    assert {tuple(m.weight.shape) for m in pruned.modules() if isinstance(m, ChannelConstant)} >= {(13, 1, 1)}
+    assert {tuple(m.weight.shape) for m in pruned.modules() if isinstance(m, ChannelConstant)} >= {
+        (13, 1, 1)
+    }
     with torch.no_grad():
         assert pruned(x).shape == (4, 10)

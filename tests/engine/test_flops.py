@@ -11,22 +11,29 @@ import torch
 from torch import nn
 
 import zoo
-from workers.engine.flops import onnx_costs, torch_costs
+from engine.flops import onnx_costs, torch_costs
 
 
 def _export(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
     buf = io.BytesIO()
-    torch.onnx.export(model.eval(), (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
-                      dynamic_axes={"input": {0: "batch"}})
+    torch.onnx.export(
+        model.eval(),
+        (x,),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
     return onnx.load_from_string(buf.getvalue())
 
 
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)          # 8x8 out
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)   # depthwise
-        self.conv2 = nn.Conv2d(8, 16, 1, stride=2)          # 4x4 out
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)  # 8x8 out
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.conv2 = nn.Conv2d(8, 16, 1, stride=2)  # 4x4 out
         self.fc = nn.Linear(16 * 4 * 4, 10)
 
     def forward(self, x):
@@ -38,10 +45,10 @@ class Tiny(nn.Module):
 def test_hand_computed_macs_and_params():
     model, x = Tiny(), torch.randn(1, 3, 8, 8)
     expected_macs = (
-        8 * 8 * 8 * (3 * 3 * 3)      # conv1: out elements x (Cin x k x k)
-        + 8 * 8 * 8 * (1 * 3 * 3)    # depthwise: out elements x (1 x k x k)
-        + 16 * 4 * 4 * (8 * 1 * 1)   # conv2
-        + 10 * 256                   # fc
+        8 * 8 * 8 * (3 * 3 * 3)  # conv1: out elements x (Cin x k x k)
+        + 8 * 8 * 8 * (1 * 3 * 3)  # depthwise: out elements x (1 x k x k)
+        + 16 * 4 * 4 * (8 * 1 * 1)  # conv2
+        + 10 * 256  # fc
     )
     expected_params = (8 * 27 + 8) + (8 * 9 + 8) + (16 * 8 + 16) + (10 * 256 + 10)
     costs = onnx_costs(_export(model, x), {"input": x.numpy()})

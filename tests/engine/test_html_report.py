@@ -12,17 +12,38 @@ from pathlib import Path
 import pytest
 from browserkit import open_page
 
+from engine import analysis
+from methods import registry
 from prunery.analysis import Analysis
 from prunery.html_report import render_html
 from prunery.report import Report
-from workers.engine import analysis, local
+from prunery.types import ExitCode
+from server_cli import analyze as server_analyze
+from server_cli import prune as local
 
 
 @pytest.fixture(scope="module")
 def pruned(zoo_model, digits_npz, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("html") / "out"
-    code = local.main([str(zoo_model("vgg")), "--data", str(digits_npz), "--target-flops", "0.5", "--epochs", "2",
-                       "--latency-runs", "20", "--out", str(out), "--quiet"])
+    code = local.main(
+        [
+            str(zoo_model("vgg")),
+            "--data",
+            str(digits_npz),
+            "--target-flops",
+            "0.5",
+            "--epochs",
+            "2",
+            "--latency-runs",
+            "20",
+            # About the page, not speed: the gate has its own tests (test_latency.py).
+            "--min-speedup",
+            "null",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     return out
 
@@ -30,7 +51,9 @@ def pruned(zoo_model, digits_npz, tmp_path_factory) -> Path:
 def test_report_html_in_a_real_browser(pruned, tmp_path):
     page = pruned / "report.html"
     html = page.read_text()
-    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+    assert (
+        "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
+    )
     assert "<script" not in html and "<link" not in html
     seen = open_page(page.as_uri(), tmp_path / "report.png")
     assert seen["errors"] == [] and seen["outside"] == []
@@ -55,13 +78,27 @@ def test_method_panels_render_in_a_browser(pruned, tmp_path):
         search_curves={"loss": [2.0, 1.5, 1.1, 0.9], "soft_macs": [1.0, 0.8, 0.6, 0.5]},
         gate_histogram=[5, 1, 0, 0, 2, 3, 9, 12, 4, 1],
     )
-    report.robustness = {"original": {"clean": 0.98, "pgd": 0.2}, "pruned": {"clean": 0.97, "pgd": 0.4},
-                         "samples": 360, "measured_with": "torch"}
-    report.dynamic = {"macs_mean": 5e5, "macs_std": 1e4, "macs_min": 4e5, "macs_max": 6e5, "macs_static": 7e5,
-                      "macs_before": 1.5e6, "samples": 360, "measured_on": "test split"}
+    report.robustness = {
+        "original": {"clean": 0.98, "pgd": 0.2},
+        "pruned": {"clean": 0.97, "pgd": 0.4},
+        "samples": 360,
+        "measured_with": "torch",
+    }
+    report.dynamic = {
+        "macs_mean": 5e5,
+        "macs_std": 1e4,
+        "macs_min": 4e5,
+        "macs_max": 6e5,
+        "macs_static": 7e5,
+        "macs_before": 1.5e6,
+        "samples": 360,
+        "measured_on": "test split",
+    }
     report.notes.append('<script>alert("x")</script><img src="https://example.com/x.png">')
     page = tmp_path / "panels.html"
-    page.write_text(render_html(report, Analysis.model_validate_json((pruned / "analysis.json").read_text())))
+    page.write_text(
+        render_html(report, Analysis.model_validate_json((pruned / "analysis.json").read_text()))
+    )
     seen = open_page(page.as_uri(), tmp_path / "panels.png")
     assert seen["errors"] == [] and seen["outside"] == []
     for plot in ("search-curves", "gate_histogram", "robustness", "dynamic-macs"):
@@ -72,7 +109,8 @@ def test_method_panels_render_in_a_browser(pruned, tmp_path):
 
 def test_analyze_cli_and_api(zoo_model, digits_npz, tmp_path, capsys):
     out = tmp_path / "a.json"
-    assert analysis.main([str(zoo_model("vgg")), "--data", str(digits_npz), "--out", str(out)]) == 0
+    argv = [str(zoo_model("vgg")), "--data", str(digits_npz), "--out", str(out)]
+    assert server_analyze.main(argv) == 0
     text = capsys.readouterr().out
     assert "prunable groups: 5" in text and "excluded layers:" in text and "l1_norm" in text
     a = Analysis.model_validate_json(out.read_text())
@@ -83,16 +121,32 @@ def test_analyze_cli_and_api(zoo_model, digits_npz, tmp_path, capsys):
         assert 0 < g.macs_share <= 1 and g.min_channels < g.channels and g.layers
     assert {m.name for m in a.methods if m.applies} >= {"l1_norm", "thinet"}
     # Without data the declared input shape is used.
-    b = analysis.analyze(zoo_model("vgg"))
-    assert b.input_shape == [1, 1, 8, 8] and [g.name for g in b.groups] == [g.name for g in a.groups]
+    b = analysis.analyze(zoo_model("vgg"), catalog=registry)
+    assert b.input_shape == [1, 1, 8, 8] and [g.name for g in b.groups] == [
+        g.name for g in a.groups
+    ]
 
 
 def test_budget_unreachable_keeps_the_analysis(zoo_model, digits_npz, tmp_path, capsys):
     out = tmp_path / "out"
-    code = local.main([str(zoo_model("vgg")), "--data", str(digits_npz), "--target-flops", "0.001", "--epochs", "0",
-                       "--out", str(out), "--quiet"])
+    code = local.main(
+        [
+            str(zoo_model("vgg")),
+            "--data",
+            str(digits_npz),
+            "--target-flops",
+            "0.001",
+            "--epochs",
+            "0",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == local.EXIT_BAD_INPUT and "budget_unreachable" in err and "analysis.json" in err, err
+    assert code == ExitCode.BAD_INPUT and "budget_unreachable" in err and "analysis.json" in err, (
+        err
+    )
     a = json.loads((out / "analysis.json").read_text())
     assert a["excluded"] and a["excluded"][0]["reason"] and a["min_macs_fraction"] > 0.001
     assert not (out / "model.onnx").exists()
@@ -106,7 +160,10 @@ def test_model_pt2_loads_matches_onnx_and_trains(pruned, digits_npz):
     import torch
 
     data = np.load(digits_npz)
-    x, y = torch.from_numpy(data["x_test"][:50]).float(), torch.from_numpy(data["y_test"][:50]).long()
+    x, y = (
+        torch.from_numpy(data["x_test"][:50]).float(),
+        torch.from_numpy(data["y_test"][:50]).long(),
+    )
     module = torch.export.load(str(pruned / "model.pt2")).module()
     session = ort.InferenceSession(str(pruned / "model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 7, 50):
@@ -125,7 +182,7 @@ def test_model_pt2_loads_matches_onnx_and_trains(pruned, digits_npz):
 def test_model_pt2_is_skipped_with_a_note_when_export_fails(tmp_path):
     import torch
 
-    from workers.engine.torch_export import save_program
+    from engine.torch_export import save_program
 
     class DataDependent(torch.nn.Module):
         def forward(self, x):

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import zoo
+from core.errors import BadModel
+from engine import run
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import local, run
-from workers.errors import BadModel
+from prunery.types import ExitCode
+from server_cli import prune as local
 
 SPEC = {"method": {"name": "l1_norm"}, "target": {"flops": 0.5}, "recovery": {"mode": "none"}}
 
@@ -28,33 +31,67 @@ def test_evaluation_dataset_is_what_the_report_measures(zoo_model, digits_npz, t
     eval_npz = tmp_path / "eval.npz"
     np.savez(eval_npz, x=x, y=y)  # only x and y: every sample is evaluated
     out = tmp_path / "out"
-    report = run(JobSpec(**SPEC), zoo_model("vgg"), digits_npz, out, latency_runs=3, eval_data_path=eval_npz)
-    assert report.evaluation == {"dataset": "evaluation dataset", "file": "eval.npz", "split": "all samples", "samples": 100}
+    report = run(
+        JobSpec(**SPEC),
+        zoo_model("vgg"),
+        digits_npz,
+        out,
+        latency_runs=3,
+        eval_data_path=eval_npz,
+        catalog=registry,
+    )
+    assert report.evaluation == {
+        "dataset": "evaluation dataset",
+        "file": "eval.npz",
+        "split": "all samples",
+        "samples": 100,
+    }
     assert report.accuracy.samples == 100 and "evaluation dataset" in report.accuracy.measured_with
     assert report.accuracy.before == pytest.approx(_onnx_accuracy(zoo_model("vgg"), x, y))
     assert report.accuracy.after == pytest.approx(_onnx_accuracy(out / "model.onnx", x, y))
 
-    plain = run(JobSpec(**SPEC), zoo_model("vgg"), digits_npz, tmp_path / "plain", latency_runs=3)
+    plain = run(
+        JobSpec(**SPEC),
+        zoo_model("vgg"),
+        digits_npz,
+        tmp_path / "plain",
+        latency_runs=3,
+        catalog=registry,
+    )
     assert plain.evaluation == {"dataset": "test split", "samples": 360}
 
 
 def test_evaluation_dataset_with_other_samples_is_refused(zoo_model, digits_npz, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((10, 1, 4, 4), np.float32), y=np.zeros(10, np.int64))
-    from workers.errors import BadDataset
+    from core.errors import BadDataset
 
     with pytest.raises(BadDataset, match="evaluation dataset's samples have shape"):
-        run(JobSpec(**SPEC), zoo_model("vgg"), digits_npz, tmp_path / "o", latency_runs=3, eval_data_path=bad)
+        run(
+            JobSpec(**SPEC),
+            zoo_model("vgg"),
+            digits_npz,
+            tmp_path / "o",
+            latency_runs=3,
+            eval_data_path=bad,
+            catalog=registry,
+        )
 
 
 def test_uint8_images_are_cast_with_the_declared_scaling(zoo_model, tmp_path):
     arrays = zoo.digits_arrays()  # the zoo trains on (pixels in [0, 1] - 0.3) / 0.4
-    as_uint8 = {k: (np.round((v * 0.4 + 0.3) * 255).astype(np.uint8) if k.startswith("x") else v) for k, v in arrays.items()}
+    as_uint8 = {
+        k: (np.round((v * 0.4 + 0.3) * 255).astype(np.uint8) if k.startswith("x") else v)
+        for k, v in arrays.items()
+    }
     data = tmp_path / "u8.npz"
     np.savez(data, **as_uint8)
     spec = JobSpec(**SPEC, data={"mean": [0.3], "std": [0.4]})
-    report = run(spec, zoo_model("vgg"), data, tmp_path / "out", latency_runs=3)
-    assert any("uint8 inputs were cast to float32 (x0.00392157, minus mean [0.3], over std [0.4])" in n for n in report.notes), report.notes
+    report = run(spec, zoo_model("vgg"), data, tmp_path / "out", latency_runs=3, catalog=registry)
+    assert any(
+        "uint8 inputs were cast to float32 (x0.00392157, minus mean [0.3], over std [0.4])" in n
+        for n in report.notes
+    ), report.notes
     expected = _onnx_accuracy(zoo_model("vgg"), arrays["x_test"], arrays["y_test"])
     assert report.accuracy.before == pytest.approx(expected, abs=0.02)
 
@@ -71,28 +108,47 @@ def test_two_output_model_is_refused_with_what_to_do(digits_npz, tmp_path):
             return self.fc(f), f
 
     path = tmp_path / "two.onnx"
-    torch.onnx.export(TwoHeads().eval(), (torch.rand(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["logits", "features"], dynamic_axes={"x": {0: "b"}})
+    torch.onnx.export(
+        TwoHeads().eval(),
+        (torch.rand(1, 1, 8, 8),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["logits", "features"],
+        dynamic_axes={"x": {0: "b"}},
+    )
     with pytest.raises(BadModel, match="2 outputs \\(logits, features\\).*export only the logits"):
-        run(JobSpec(**SPEC), path, digits_npz, tmp_path / "out", latency_runs=3)
+        run(JobSpec(**SPEC), path, digits_npz, tmp_path / "out", latency_runs=3, catalog=registry)
 
 
-def test_debug_prints_the_traceback_of_an_internal_error(zoo_model, digits_npz, tmp_path, monkeypatch, capsys):
-    import workers.engine
+def test_debug_prints_the_traceback_of_an_internal_error(
+    zoo_model, digits_npz, tmp_path, monkeypatch, capsys
+):
+    import engine
 
     def boom(*args, **kwargs):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(workers.engine, "run", boom)
-    argv = [str(zoo_model("vgg")), "--data", str(digits_npz), "--target-flops", "0.5", "--out", str(tmp_path / "o"), "--quiet"]
-    assert local.main(argv) == local.EXIT_INTERNAL
+    monkeypatch.setattr(engine, "run", boom)
+    argv = [
+        str(zoo_model("vgg")),
+        "--data",
+        str(digits_npz),
+        "--target-flops",
+        "0.5",
+        "--out",
+        str(tmp_path / "o"),
+        "--quiet",
+    ]
+    assert local.main(argv) == ExitCode.JOB_FAILED
     err = capsys.readouterr().err
     assert "internal error: RuntimeError: planted failure" in err and "Traceback" not in err
     assert "--debug" in err
-    assert local.main([*argv, "--debug"]) == local.EXIT_INTERNAL
+    assert local.main([*argv, "--debug"]) == ExitCode.JOB_FAILED
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "in boom" in err
     monkeypatch.setenv("PRUNERY_DEBUG", "1")
-    assert local.main(argv) == local.EXIT_INTERNAL
+    assert local.main(argv) == ExitCode.JOB_FAILED
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     assert not list(tmp_path.glob(".o.tmp-*"))  # nothing half-written left behind

@@ -17,20 +17,29 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from engine import latency, run
+from engine.graph import ChannelGroup, GroupMember
+from methods import registry
 from prunery.report import LatencyResult
 from prunery.spec import JobSpec, Target
-from workers.engine import latency, run
-from workers.engine.graph import ChannelGroup, GroupMember
-from workers.engine.local import build_parser, build_spec
+from server_cli.prune import build_parser, build_spec
 
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 96, 3, padding=1), nn.BatchNorm2d(96), nn.ReLU(),
-        nn.Conv2d(96, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 96, 3, padding=1),
+        nn.BatchNorm2d(96),
+        nn.ReLU(),
+        nn.Conv2d(96, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
     ).eval()
 
 
@@ -38,14 +47,23 @@ def _cnn() -> nn.Module:
 def cnn_job(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("latency")
     buf = io.BytesIO()
-    torch.onnx.export(_cnn(), (torch.randn(2, 3, 16, 16),), buf, dynamo=False, opset_version=17,
-                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    torch.onnx.export(
+        _cnn(),
+        (torch.randn(2, 3, 16, 16),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
     model = root / "cnn.onnx"
     model.write_bytes(buf.getvalue())
     rng = np.random.default_rng(0)
     arrays = {
-        "x_train": rng.standard_normal((128, 3, 16, 16)).astype(np.float32), "y_train": rng.integers(0, 10, 128),
-        "x_test": rng.standard_normal((64, 3, 16, 16)).astype(np.float32), "y_test": rng.integers(0, 10, 64),
+        "x_train": rng.standard_normal((128, 3, 16, 16)).astype(np.float32),
+        "y_train": rng.integers(0, 10, 128),
+        "x_test": rng.standard_normal((64, 3, 16, 16)).astype(np.float32),
+        "y_test": rng.integers(0, 10, 64),
     }
     data = root / "data.npz"
     np.savez(data, **arrays)
@@ -56,10 +74,14 @@ def test_latency_target_search_agrees_with_independent_measurement(cnn_job, tmp_
     monkeypatch.setenv("PRUNERY_LATENCY_CACHE", str(tmp_path / "latency.json"))
     model, data = cnn_job
     spec = JobSpec(
-        method={"name": "l1_norm"}, target={"latency": 0.5, "latency_batch": 32},
-        recovery={"mode": "none"}, gates={"min_speedup": None},
+        method={"name": "l1_norm"},
+        target={"latency": 0.5, "latency_batch": 32},
+        recovery={"mode": "none"},
+        gates={"min_speedup": None},
     )
-    report = run(spec, model, data, tmp_path / "out", latency_runs=20, latency_threads=1)
+    report = run(
+        spec, model, data, tmp_path / "out", latency_runs=20, latency_threads=1, catalog=registry
+    )
     searched = report.method_details["kept_latency_search"]
     achieved = report.target.achieved
     assert report.target.kind == "latency" and "independently" in report.target.measured_on
@@ -72,7 +94,10 @@ def test_latency_target_search_agrees_with_independent_measurement(cnn_job, tmp_
     # Default widths are measured per group and recorded; per-layer latency is reported.
     widths = report.method_details["latency_widths"]
     assert widths["batch"] == 32 and widths["per_group"]
-    assert any(row.latency_before_us is not None and row.latency_after_us is not None for row in report.layers)
+    assert any(
+        row.latency_before_us is not None and row.latency_after_us is not None
+        for row in report.layers
+    )
     assert json.loads((tmp_path / "latency.json").read_text())  # the timing cache was written
 
 
@@ -81,20 +106,30 @@ def test_measured_steps_are_cached_per_shape(tmp_path):
     model = _cnn()
     example = torch.randn(1, 3, 16, 16)
     groups = [
-        ChannelGroup("0", 64, [GroupMember("0", "Conv2d", "out"), GroupMember("3", "Conv2d", "in")]),
-        ChannelGroup("3", 96, [GroupMember("3", "Conv2d", "out"), GroupMember("6", "Conv2d", "in")]),
+        ChannelGroup(
+            "0", 64, [GroupMember("0", "Conv2d", "out"), GroupMember("3", "Conv2d", "in")]
+        ),
+        ChannelGroup(
+            "3", 96, [GroupMember("3", "Conv2d", "out"), GroupMember("6", "Conv2d", "in")]
+        ),
     ]
-    first = latency.profile(model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache))
+    first = latency.profile(
+        model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache)
+    )
     assert first.ops_timed > 0
     for name, g in first.groups.items():
         assert g.step in (1, 8, 16), name
         assert set(g.times_us) >= {g.channels} and all(t > 0 for t in g.times_us.values())
         assert 0.5 <= g.weight <= 2.0
-    second = latency.profile(model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache))
+    second = latency.profile(
+        model, example, groups, timer=latency.OpTimer(threads=1, cache_path=cache)
+    )
     assert second.ops_timed == 0 and second.ops_cached == first.ops_timed + first.ops_cached
-    assert {n: g.step for n, g in second.groups.items()} == {n: g.step for n, g in first.groups.items()}
+    assert {n: g.step for n, g in second.groups.items()} == {
+        n: g.step for n, g in first.groups.items()
+    }
     # A step of S means widths that are multiples of S after the first chunk.
-    from workers.engine.budget import removal_order
+    from engine.budget import removal_order
 
     scores = {g.name: torch.arange(g.channels, dtype=torch.float64) for g in groups}
     chunks = removal_order(groups, scores, "uniform", steps={"0": 16, "3": 8})
@@ -112,9 +147,17 @@ def test_layer_signatures_match_the_modules():
     assert dw.resized(24, 24).groups == 24
 
 
-def _lat(bs: int, before: float, after: float) -> LatencyResult:
-    return LatencyResult(batch_size=bs, before=before, after=after, speedup=before / after, runs=20,
-                         p90_before=before, p90_after=after)
+def _lat(bs: int, before: float, after: float, below: int | None = None) -> LatencyResult:
+    return LatencyResult(
+        batch_size=bs,
+        before=before,
+        after=after,
+        speedup=before / after,
+        runs=20,
+        p90_before=before,
+        p90_after=after,
+        pairs_below_gate=below,
+    )
 
 
 def test_min_speedup_gate():
@@ -130,44 +173,123 @@ def test_min_speedup_gate():
 
 def test_spec_and_cli_latency_target():
     t = Target(latency=0.5)
-    assert t.kind == "latency" and t.fraction == 0.5 and t.tolerance == pytest.approx(0.025) and t.latency_batch == 1
+    assert (
+        t.kind == "latency"
+        and t.fraction == 0.5
+        and t.tolerance == pytest.approx(0.025)
+        and t.latency_batch == 1
+    )
     assert Target(latency=0.5, tolerance=0.01).tolerance == 0.01
     with pytest.raises(ValidationError, match="exactly one"):
         Target(latency=0.5, flops=0.5)
     args = build_parser().parse_args(
-        ["m.onnx", "--data", "d.npz", "--out", "o", "--target-latency", "0.4", "--latency-batch", "32", "--min-speedup", "null"]
+        [
+            "m.onnx",
+            "--data",
+            "d.npz",
+            "--out",
+            "o",
+            "--target-latency",
+            "0.4",
+            "--latency-batch",
+            "32",
+            "--min-speedup",
+            "null",
+        ]
     )
     spec = build_spec(args)
-    assert spec.target.latency == 0.4 and spec.target.latency_batch == 32 and spec.target.tolerance == pytest.approx(0.02)
+    assert (
+        spec.target.latency == 0.4
+        and spec.target.latency_batch == 32
+        and spec.target.tolerance == pytest.approx(0.02)
+    )
     assert spec.gates.min_speedup is None and spec.export.round_to is None
-    args = build_parser().parse_args(["m.onnx", "--data", "d.npz", "--out", "o", "--target-flops", "0.5", "--round-to", "8"])
+    args = build_parser().parse_args(
+        ["m.onnx", "--data", "d.npz", "--out", "o", "--target-flops", "0.5", "--round-to", "8"]
+    )
     spec = build_spec(args)
-    assert spec.export.round_to == 8 and spec.gates.min_speedup == 1.0 and spec.target.tolerance == 0.01
+    assert (
+        spec.export.round_to == 8
+        and spec.gates.min_speedup == 1.0
+        and spec.target.tolerance == 0.01
+    )
 
 
 def test_submit_cli_latency_flags():
-    from prunery import remote_cli
+    from prunery.cli import build_parser, spec_flags
 
-    args = remote_cli._parser().parse_args([
-        "submit", "m.onnx", "--data", "d.npz", "--method", "l1_norm", "--target-latency", "0.5",
-        "--latency-batch", "32", "--min-speedup", "null", "--round-to", "8",
-    ])
-    assert remote_cli._target(args) == {"latency": 0.5, "latency_batch": 32}
-    assert remote_cli._min_speedup(args.min_speedup) is None and remote_cli._min_speedup("1.2") == 1.2
+    args = build_parser({}).parse_args(
+        [
+            "submit",
+            "m.onnx",
+            "--data",
+            "d.npz",
+            "--method",
+            "l1_norm",
+            "--target-latency",
+            "0.5",
+            "--latency-batch",
+            "32",
+            "--min-speedup",
+            "null",
+            "--round-to",
+            "8",
+        ]
+    )
+    assert spec_flags.target(args, {}) == {"latency": 0.5, "latency_batch": 32}
+    assert spec_flags.min_speedup(args.min_speedup) is None and spec_flags.min_speedup("1.2") == 1.2
     with pytest.raises(ValueError, match="give a number"):
-        remote_cli._min_speedup("fast")
+        spec_flags.min_speedup("fast")
 
 
-def test_min_speedup_is_judged_only_above_the_latency_floor():
+def test_min_speedup_fails_only_when_the_sign_test_says_slower():
     spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
-    assert spec.gates.min_speedup_floor_ms == 1.0
+    assert spec.gates.min_speedup_floor_ms == 0.0  # every batch size judged by default
+    # 0.05 ms at batch 1, 0.9x: 18 of 20 pairs below the line is not chance (p = 2e-4).
+    slow = latency.min_speedup_gate(spec, [_lat(1, 0.045, 0.05, below=18)])
+    assert not slow.passed and "18 of 20 interleaved pairs" in slow.message
+    # The same median with 12 of 20 pairs below (p = 0.25) is timer noise: it passes, and says so.
+    noisy = latency.min_speedup_gate(spec, [_lat(1, 0.045, 0.05, below=12)])
+    assert noisy.passed and "within the machine's timing noise" in noisy.message
+    # A model slower at one of two batch sizes fails, and the message names that batch size.
+    mixed = latency.min_speedup_gate(spec, [_lat(1, 0.05, 0.03, 0), _lat(32, 1.0, 1.5, 20)])
+    assert not mixed.passed and "batch 32" in mixed.message
+    assert latency.sign_test_p(20, 18) == pytest.approx(211 / 2**20)
+    assert latency.pairs_below([1.0, 1.0, 1.0], [0.9, 1.2, 1.05], 1.0) == 2
+
+
+def test_min_speedup_floor_is_an_explicit_option():
+    spec = JobSpec(
+        method={"name": "l1_norm"}, target={"flops": 0.5}, gates={"min_speedup_floor_ms": 1.0}
+    )
     notes: list[str] = []
-    # 0.03 ms at batch 1 is per-op dispatch: not judged; batch 32 at 5 ms is, and fails.
+    # 0.03 ms at batch 1 is under the floor: not judged; batch 32 at 5 ms is, and fails.
     gate = latency.min_speedup_gate(spec, [_lat(1, 0.03, 0.05), _lat(32, 5.0, 6.0)], notes)
     assert not gate.passed and "batch 32" in gate.message
     assert notes and "not judged at batch 1 (0.030 ms)" in notes[0]
     notes.clear()
     assert latency.min_speedup_gate(spec, [_lat(1, 0.03, 0.05), _lat(32, 0.5, 0.9)], notes) is None
     assert "batch 1 (0.030 ms), 32 (0.500 ms)" in notes[0]
-    every = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}, gates={"min_speedup_floor_ms": 0})
-    assert not latency.min_speedup_gate(every, [_lat(1, 0.03, 0.05)]).passed
+
+
+def test_coarse_steps_that_straddle_the_target_leave_one_group_off_step():
+    """Steps of 16 cannot land within 0.5% of 0.4 or 0.6 MACs here; instead of falling back to steps
+    of 1 everywhere (widths that leave the blocked kernels), one group is cut mid-step."""
+    from engine import budget, graph
+    from engine.flops import torch_costs
+
+    model = _cnn()
+    example = torch.randn(1, 3, 16, 16)
+    analysis = graph.analyse(model, example, torch.randn(8, 3, 16, 16))
+    groups = [g for g in analysis.groups if g.channels >= 48]
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float32) for g in groups}
+    chunks = budget.removal_order(groups, scores, "uniform", 16)
+    base = torch_costs(model, example)
+    for target in (0.4, 0.6):
+        coarse = budget.search(model, example, chunks, "flops", target, base, tolerance=0.005)
+        split = budget.search(
+            model, example, chunks, "flops", target, base, tolerance=0.005, split_last=True
+        )
+        assert abs(split.kept - target) <= 0.005 < abs(coarse.kept - target)
+        off_step = [n for n, idx in split.plan.items() if len(idx) % 16]
+        assert len(off_step) == 1, split.plan

@@ -13,8 +13,8 @@ import torch
 from onnx2torch.node_converters.gather import OnnxGather
 from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
 
-from workers.engine.export import export_onnx
-from workers.engine.load import ort_session
+from engine.export import export_onnx
+from engine.load import ort_session
 
 
 class _Head(torch.nn.Module):
@@ -40,7 +40,9 @@ def torch_without_private_globals(monkeypatch):
 def test_plain_export_breaks_without_the_private_globals(torch_without_private_globals):
     # The premise: onnx2torch itself fails when torch does not carry those attributes.
     with pytest.raises(AttributeError):
-        torch.onnx.export(_Head(), (torch.rand(2, 3, 4, 4),), io.BytesIO(), dynamo=False, opset_version=17)
+        torch.onnx.export(
+            _Head(), (torch.rand(2, 3, 4, 4),), io.BytesIO(), dynamo=False, opset_version=17
+        )
 
 
 @pytest.mark.parametrize("opset", [13, 17])

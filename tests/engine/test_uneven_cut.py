@@ -3,13 +3,18 @@ the even cut produce a report note (and a CLI line); an even prune produces none
 
 from __future__ import annotations
 
+from engine.graph import Analysis, ChannelGroup
+from engine.uneven import NOTE_PREFIX, uneven_cut_note
 from prunery.report import LayerRow
-from workers.engine.graph import Analysis, ChannelGroup
-from workers.engine.uneven import NOTE_PREFIX, uneven_cut_note
 
 
 def _rows(widths: dict[str, tuple[int, int]]) -> list[LayerRow]:
-    return [LayerRow(name=n, op="Conv2d", channels_before=b, channels_after=a, macs_before=1, macs_after=1) for n, (b, a) in widths.items()]
+    return [
+        LayerRow(
+            name=n, op="Conv2d", channels_before=b, channels_after=a, macs_before=1, macs_after=1
+        )
+        for n, (b, a) in widths.items()
+    ]
 
 
 def test_note_when_exclusions_force_deep_cuts():
@@ -26,5 +31,9 @@ def test_note_when_exclusions_force_deep_cuts():
 
 
 def test_no_note_for_an_even_cut():
-    analysis = Analysis(groups=[ChannelGroup("a", 32), ChannelGroup("b", 64)], excluded=[("fc", "outputs")], lifted=[])
+    analysis = Analysis(
+        groups=[ChannelGroup("a", 32), ChannelGroup("b", 64)],
+        excluded=[("fc", "outputs")],
+        lifted=[],
+    )
     assert uneven_cut_note(analysis, _rows({"a": (32, 23), "b": (64, 45)}), 0.5, 0.9) is None

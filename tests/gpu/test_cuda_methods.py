@@ -12,15 +12,17 @@ import pytest
 import torch
 
 import zoo
+from core.errors import BadSpec
+from core.validation import onnx_checks as checks
+from engine import run
+from methods import registry
 from prunery.spec import JobSpec
-from workers import checks
-from workers.engine import run
-from workers.errors import BadSpec
-from workers.methods import catalog
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available on this machine"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="CUDA is not available on this machine"
+    ),
 ]
 
 # Short schedules: the mechanisms are tested elsewhere; here each must run end to end on CUDA.
@@ -42,7 +44,7 @@ ONLY = {"flop": ("mixer",), "svd": ("mixer",), "sanp": ("resnet_basic", "mobilen
 def _cases() -> list[tuple[str, str]]:
     return [
         (info.name, family)
-        for info in catalog.list_methods()
+        for info in registry.list_methods()
         if "classification" in info.tasks
         for family in ONLY.get(info.name, FAMILIES)
     ]
@@ -52,11 +54,19 @@ def _cases() -> list[tuple[str, str]]:
 def test_method_runs_on_cuda(method, name, zoo_model, digits_npz, tmp_path):
     path = zoo_model(name)
     try:
-        catalog.check_applicable(method, checks.summarize(onnx.load(str(path)), path.stat().st_size), "classification")
+        registry.check_applicable(
+            method, checks.summarize(onnx.load(str(path)), path.stat().st_size), "classification"
+        )
     except BadSpec as exc:
         pytest.skip(f"{method} does not apply to {name}: {exc}")
-    spec = JobSpec(method={"name": method, "params": FAST.get(method, {})}, target={"flops": 0.5}, recovery={"epochs": 1})
-    report = run(spec, path, digits_npz, tmp_path / "out", device="cuda", latency_runs=3)
+    spec = JobSpec(
+        method={"name": method, "params": FAST.get(method, {})},
+        target={"flops": 0.5},
+        recovery={"epochs": 1},
+    )
+    report = run(
+        spec, path, digits_npz, tmp_path / "out", device="cuda", latency_runs=3, catalog=registry
+    )
     assert report.device.startswith("cuda"), report.device
     assert report.target.met, report.target
     assert report.parity["max_rel_diff"] <= 1e-4
@@ -75,9 +85,13 @@ def test_language_model_methods_on_cuda(tmp_path):
     data = zoo.write_text_npz(tmp_path / "text.npz")
     for method, params in (("flop", {"epochs": 1}), ("l1_norm", {})):
         spec = JobSpec(
-            task="language_modeling", method={"name": method, "params": params},
-            target={"params": 0.6}, recovery={"epochs": 1},
+            task="language_modeling",
+            method={"name": method, "params": params},
+            target={"params": 0.6},
+            recovery={"epochs": 1},
         )
-        report = run(spec, path, data, tmp_path / method, device="cuda", latency_runs=3)
+        report = run(
+            spec, path, data, tmp_path / method, device="cuda", latency_runs=3, catalog=registry
+        )
         assert report.device.startswith("cuda") and report.target.met
         assert report.metrics and report.metrics["bits_per_token"].after > 0

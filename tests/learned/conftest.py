@@ -1,61 +1,30 @@
-"""Fixtures for the learned-architecture methods: a PruneContext built the way the engine
-builds it (convert, analyse, count), without running a whole job."""
+"""Fixtures for the learned-architecture methods: a PruneContext built by the engine's own
+`prepare()` (convert, analyse, count), without running a whole job."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
-import zoo
+from engine.method import PruneContext
+from engine.prepare import Prepared, prepare
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import graph, load, train
-from workers.engine.flops import torch_costs
-from workers.engine.method import PruneContext
 
-_CTX_CACHE: dict[tuple[str, str], tuple] = {}
+_PREPARED: dict[tuple[str, int | None, int], Prepared] = {}
 
 
-def build_context(onnx_path: Path, spec: JobSpec) -> PruneContext:
+def build_context(onnx_path: Path, spec: JobSpec, data_path: Path) -> PruneContext:
+    """The engine's `prepare()` once per (model, round_to, seed); the context per spec."""
     key = (str(onnx_path), spec.export.round_to, spec.seed)
-    if key not in _CTX_CACHE:
-        arrays = zoo.digits_arrays()
-        data = train.TensorData(
-            *(torch.from_numpy(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
-        )
-        loaded = load.load(Path(onnx_path), (1, 8, 8))
-        example = data.x_train[:1].clone()
-        gen = torch.Generator().manual_seed(spec.seed)
-        calibration = data.x_train[torch.randperm(len(data.x_train), generator=gen)[:256]]
-        analysis = graph.analyse(
-            loaded.module, example, calibration[:16], round_to=spec.export.round_to, seed=spec.seed
-        )
-        _CTX_CACHE[key] = (
-            loaded.module,
-            example,
-            calibration,
-            data,
-            analysis,
-            torch_costs(loaded.module, example),
-        )
-    module, example, calibration, data, analysis, base = _CTX_CACHE[key]
-    return PruneContext(
-        spec=spec,
-        model=module,
-        example=example,
-        calibration=calibration,
-        data=data,
-        analysis=analysis,
-        base_costs=base,
-        device=torch.device("cpu"),
-        seed=spec.seed,
-        progress=lambda f, m: None,
-    )
+    if key not in _PREPARED:
+        _PREPARED[key] = prepare(spec, onnx_path, data_path, catalog=registry, device="cpu")
+    return _PREPARED[key].context(spec=spec)
 
 
 @pytest.fixture(scope="session")
-def make_context(zoo_model):
+def make_context(zoo_model, digits_npz):
     """make_context(zoo name, method name, **spec fields) -> PruneContext (cached per model)."""
 
     def make(name: str, method: str, target: dict | None = None, **spec) -> PruneContext:
@@ -64,6 +33,6 @@ def make_context(zoo_model):
             target=target or {"flops": 0.5},
             **spec,
         )
-        return build_context(zoo_model(name), js)
+        return build_context(zoo_model(name), js, digits_npz)
 
     return make

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import zoo
-from prunery.spec import JobSpec
-from workers.engine import graph, train
-from workers.engine.flops import torch_costs
-from workers.engine.method import PruneContext, widths_to_plan
-from workers.methods.catalog import PruningFromScratchParams
-from workers.methods.pruning_from_scratch import (
+from engine import graph, train
+from engine.flops import torch_costs
+from engine.method import PruneContext, widths_to_plan
+from methods.base.widths import WidthCost
+from methods.pruning_from_scratch import PruningFromScratchParams
+from methods.pruning_from_scratch.impl import (
     PruningFromScratch,
     gate_penalty,
     learn_gates,
     random_init,
     search_ratio,
 )
-from workers.methods.widths import WidthCost
+from prunery.spec import JobSpec
 
 
 def toy_context(n_train: int = 256, seed: int = 0) -> PruneContext:
@@ -99,6 +100,7 @@ def test_gates_prefer_informative_channels():
     assert float(values.std()) > 1e-3
 
 
+@pytest.mark.slow  # every zoo model (trains the whole zoo on a cold cache)
 def test_budget_search_hits_every_zoo_model(make_context):
     """Random gate values, every zoo model: the global-ratio search meets flops 0.5 (and
     params 0.5 on two models) within 1% on the structurally pruned network."""
@@ -150,8 +152,8 @@ def test_expand_widens_every_group_consistently(make_context):
     """expand=1.5 on a concat net, a depthwise net and a flatten->Linear net: the widened
     graph runs, Torch-Pruning sees the widened groups, MACs grow ~1.5^2, and the method
     still returns a pruning of the *original* graph that meets the budget."""
-    from workers.engine.graph import full_group
-    from workers.methods.expand import expanded_context
+    from engine.graph import full_group
+    from methods.pruning_from_scratch.expand import expanded_context
 
     for name in ("densenet", "mobilenet_v2", "vgg"):
         ctx = make_context(name, "pruning_from_scratch")

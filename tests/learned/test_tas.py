@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from workers.engine import train
-from workers.engine.graph import channel_scores
-from workers.engine.method import widths_to_plan
-from workers.methods.catalog import TASParams
-from workers.methods.l1_norm import filter_l1
-from workers.methods.tas import (
+from engine import train
+from engine.graph import channel_scores
+from engine.method import widths_to_plan
+from methods.base.scoring import filter_l1
+from methods.base.widths import ChannelSites, WidthCost
+from methods.tas import TASParams
+from methods.tas.impl import (
     TAS,
     WidthSearch,
     adjust_to_budget,
@@ -23,7 +24,6 @@ from workers.methods.tas import (
     flop_loss,
     sample_two,
 )
-from workers.methods.widths import ChannelSites, WidthCost
 
 FRACTIONS = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 

@@ -8,9 +8,10 @@ import onnx
 import pytest
 
 import zoo
+from engine import run
+from engine.flops import onnx_costs
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import run
-from workers.engine.flops import onnx_costs
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ def test_learned_method_prunes_zoo_model(zoo_model, digits_npz, tmp_path, name, 
         recovery={"epochs": 1},
     )
     out = tmp_path / "out"
-    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=5)
+    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=5, catalog=registry)
     assert report.target.met, report.target
     assert abs(report.target.achieved - 0.5) <= 0.01
     assert report.parity["max_rel_diff"] <= 1e-4

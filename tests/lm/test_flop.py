@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 import zoo
+from engine import graph, run, train
+from engine.flops import torch_costs
+from engine.method import PruneContext
+from methods import registry
+from methods.flop import FlopParams
+from methods.flop.impl import FactorizedLinear, Flop
 from prunery.spec import JobSpec
-from workers.engine import graph, run, train
-from workers.engine.flops import torch_costs
-from workers.engine.method import PruneContext
-from workers.methods.catalog import FlopParams
-from workers.methods.flop import FactorizedLinear, Flop
 
 
 def test_factorisation_starts_from_the_trained_function():
@@ -54,14 +55,32 @@ def test_expected_l0_is_the_probability_of_a_nonzero_gate():
 def _mlp_context(target: float) -> tuple[PruneContext, nn.Module]:
     torch.manual_seed(0)
     d = zoo.digits_arrays()
-    data = train.TensorData(*(torch.from_numpy(d[k]) for k in ("x_train", "y_train", "x_test", "y_test")))
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    data = train.TensorData(
+        *(torch.from_numpy(d[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    )
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, 128),
+        nn.ReLU(),
+        nn.Linear(128, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     train.train(model, data, epochs=3, lr=3e-3, device=torch.device("cpu"))
     x = data.x_train[:1]
     spec = JobSpec(method={"name": "flop"}, target={"params": target})
-    ctx = PruneContext(spec=spec, model=model, example=x, calibration=data.x_train[:64], data=data,
-                       analysis=graph.Analysis([], [], []), base_costs=torch_costs(model, x),
-                       device=torch.device("cpu"), seed=0, progress=lambda f, m: None)
+    ctx = PruneContext(
+        spec=spec,
+        model=model,
+        example=x,
+        calibration=data.x_train[:64],
+        data=data,
+        analysis=graph.Analysis([], [], []),
+        base_costs=torch_costs(model, x),
+        device=torch.device("cpu"),
+        seed=0,
+        progress=lambda f, m: None,
+    )
     return ctx, model
 
 
@@ -97,14 +116,18 @@ def text_npz(tmp_path_factory):
 @pytest.mark.slow
 def test_flop_on_the_character_transformer(text_npz, tmp_path):
     model_path, _ = zoo.build_lm_model(zoo.default_cache_dir())
-    spec = JobSpec(task="language_modeling", method={"name": "flop", "params": {"epochs": 1}},
-                   target={"params": 0.6}, recovery={"epochs": 1})
-    report = run(spec, model_path, text_npz, tmp_path / "out", latency_runs=20)
+    spec = JobSpec(
+        task="language_modeling",
+        method={"name": "flop", "params": {"epochs": 1}},
+        target={"params": 0.6},
+        recovery={"epochs": 1},
+    )
+    report = run(spec, model_path, text_npz, tmp_path / "out", latency_runs=20, catalog=registry)
     assert report.target.met and abs(report.target.achieved - 0.6) <= 0.01
     assert report.accuracy is None
     bpt = report.metrics["bits_per_token"]
     assert 0 < bpt.before < 7 and 0 < bpt.after < 7  # log2(128) = 7 would be chance
-    assert report.metrics["perplexity"].after == pytest.approx(2 ** bpt.after, rel=1e-6)
+    assert report.metrics["perplexity"].after == pytest.approx(2**bpt.after, rel=1e-6)
     assert report.parity["max_rel_diff"] <= 1e-4
     assert any("rank" in row.op for row in report.layers)
 
@@ -112,33 +135,50 @@ def test_flop_on_the_character_transformer(text_npz, tmp_path):
 @pytest.mark.slow
 def test_l1_norm_on_the_language_model(text_npz, tmp_path):
     model_path, _ = zoo.build_lm_model(zoo.default_cache_dir())
-    spec = JobSpec(task="language_modeling", method={"name": "l1_norm"}, target={"flops": 0.7}, recovery={"epochs": 1})
-    report = run(spec, model_path, text_npz, tmp_path / "out", latency_runs=20)
+    spec = JobSpec(
+        task="language_modeling",
+        method={"name": "l1_norm"},
+        target={"flops": 0.7},
+        recovery={"epochs": 1},
+    )
+    report = run(spec, model_path, text_npz, tmp_path / "out", latency_runs=20, catalog=registry)
     assert report.target.met
     assert any("Reshape" in e.reason for e in report.excluded)  # attention heads are reshape-bound
 
 
 @pytest.mark.slow
 def test_flop_on_a_classification_zoo_model(zoo_model, digits_npz, tmp_path):
-    spec = JobSpec(method={"name": "flop", "params": {"epochs": 1}}, target={"params": 0.6}, recovery={"epochs": 1})
-    report = run(spec, zoo_model("mixer"), digits_npz, tmp_path / "out", latency_runs=20)
+    spec = JobSpec(
+        method={"name": "flop", "params": {"epochs": 1}},
+        target={"params": 0.6},
+        recovery={"epochs": 1},
+    )
+    report = run(
+        spec, zoo_model("mixer"), digits_npz, tmp_path / "out", latency_runs=20, catalog=registry
+    )
     assert report.target.met and report.accuracy is not None
 
 
 def test_flop_is_not_applicable_without_linear_layers():
-    from workers.checks import ModelSummary
-    from workers.errors import NotApplicable
-    from workers.methods import catalog
+    from core.errors import NotApplicable
+    from core.validation.onnx_checks import ModelSummary
 
-    summary = ModelSummary(opset=17, inputs=[], outputs=[], op_histogram={"Conv": 3, "Relu": 3}, parameter_count=10, file_bytes=10)
+    summary = ModelSummary(
+        opset=17,
+        inputs=[],
+        outputs=[],
+        op_histogram={"Conv": 3, "Relu": 3},
+        parameter_count=10,
+        file_bytes=10,
+    )
     with pytest.raises(NotApplicable, match="no Gemm or MatMul"):
-        catalog.check_applicable("flop", summary, "classification")
+        registry.check_applicable("flop", summary, "classification")
 
 
 def test_truncated_svd_baseline_meets_the_budget():
     ctx, _ = _mlp_context(0.4)
-    from workers.methods.catalog import SvdParams
-    from workers.methods.flop import TruncatedSVD
+    from methods.svd import SvdParams
+    from methods.svd.impl import TruncatedSVD
 
     result = TruncatedSVD(SvdParams()).run(ctx)
     kept = torch_costs(result.model, ctx.example).params / ctx.base_costs.params

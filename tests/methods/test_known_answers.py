@@ -18,17 +18,19 @@ import pytest
 import torch
 from methodkit import export, make_ctx, tiny_convnet
 
-from workers.engine import export as export_mod
-from workers.engine import graph
-from workers.methods.catalog import ChannelRegressionParams, NetworkSlimmingParams, ThiNetParams
-from workers.methods.channel_regression import ChannelRegression, lasso_select
-from workers.methods.network_slimming import (
+from engine import export as export_mod
+from engine import graph
+from methods.base.reconstruction import Patches, consumers_of, processing_order
+from methods.channel_regression import ChannelRegressionParams
+from methods.channel_regression.impl import ChannelRegression, lasso_select
+from methods.network_slimming import NetworkSlimmingParams
+from methods.network_slimming.impl import (
     ChannelGates,
     NetworkSlimming,
     prune_at_global_threshold,
 )
-from workers.methods.reconstruction import Patches, consumers_of, processing_order
-from workers.methods.thinet import ThiNet, greedy_removal, rescale_factors
+from methods.thinet import ThiNetParams
+from methods.thinet.impl import ThiNet, greedy_removal, rescale_factors
 
 DEAD = 2
 
@@ -66,7 +68,9 @@ def test_thinet_on_a_real_layer(tiny_onnx):
     assert group.channels == 16
     dg = ctx.dependency_graph()
     method = ThiNet(ThiNetParams())
-    samples, skipped = method._samples(ctx.model, dg, group, ctx.calibration, torch.Generator().manual_seed(0))
+    samples, skipped = method._samples(
+        ctx.model, dg, group, ctx.calibration, torch.Generator().manual_seed(0)
+    )
     assert len(samples) == 1 and not skipped
     s = samples[0]
     assert s.z.shape == (256 * 10, 16)
@@ -91,13 +95,19 @@ def test_thinet_rescale_lowers_the_error_end_to_end(tiny_onnx):
         ctx = make_ctx(tiny_onnx, "thinet", {"flops": 0.6}, {"rescale": rescale})
         result = ThiNet(ThiNetParams(rescale=rescale)).run(ctx)
         # Widths come from the engine's search; the layer-by-layer prune must keep them.
-        assert ctx.costs(result.model).macs / ctx.base_costs.macs == pytest.approx(result.details["kept_torch_count"])
+        assert ctx.costs(result.model).macs / ctx.base_costs.macs == pytest.approx(
+            result.details["kept_torch_count"]
+        )
         with torch.no_grad():
             x = ctx.calibration
             errors[rescale] = float((result.model(x) - ctx.model(x)).pow(2).mean())
         rec = result.details["reconstruction"]
         if rescale:
-            assert all(v["relative_error_rescaled"] < v["relative_error"] for v in rec.values() if v["relative_error"] > 0)
+            assert all(
+                v["relative_error_rescaled"] < v["relative_error"]
+                for v in rec.values()
+                if v["relative_error"] > 0
+            )
     assert errors[True] < errors[False], errors
 
 
@@ -132,13 +142,19 @@ def test_channel_regression_reconstructs_an_exactly_reconstructible_consumer(tin
     x = torch.randn(64, 16, 8, 8, dtype=torch.float64)
     x[:, 0] = x[:, 1]
     with torch.no_grad():
-        y = torch.nn.functional.conv2d(x, consumer.module.weight.double(), consumer.module.bias.double(), padding=1)
+        y = torch.nn.functional.conv2d(
+            x, consumer.module.weight.double(), consumer.module.bias.double(), padding=1
+        )
     x_pruned = x.clone()
     x_pruned[:, 0] = 0.0
-    err = method._reconstruct(consumer, Patches(consumer.module, x_pruned), y, torch.Generator().manual_seed(0))
+    err = method._reconstruct(
+        consumer, Patches(consumer.module, x_pruned), y, torch.Generator().manual_seed(0)
+    )
     assert err < 1e-8
     with torch.no_grad():
-        y_new = torch.nn.functional.conv2d(x_pruned.float(), consumer.module.weight, consumer.module.bias, padding=1)
+        y_new = torch.nn.functional.conv2d(
+            x_pruned.float(), consumer.module.weight, consumer.module.bias, padding=1
+        )
     assert torch.allclose(y_new.double(), y, atol=1e-4)
     assert float(consumer.module.weight.detach()[:, 0].abs().max()) == 0.0
 
@@ -146,7 +162,10 @@ def test_channel_regression_reconstructs_an_exactly_reconstructible_consumer(tin
 @pytest.mark.parametrize("method", ["thinet", "channel_regression"])
 def test_reconstruction_methods_meet_the_budget_on_vgg(method, zoo_model):
     ctx = make_ctx(zoo_model("vgg"), method, {"flops": 0.5})
-    cls, params = {"thinet": (ThiNet, ThiNetParams()), "channel_regression": (ChannelRegression, ChannelRegressionParams())}[method]
+    cls, params = {
+        "thinet": (ThiNet, ThiNetParams()),
+        "channel_regression": (ChannelRegression, ChannelRegressionParams()),
+    }[method]
     result = cls(params).run(ctx)
     assert abs(ctx.costs(result.model).macs / ctx.base_costs.macs - 0.5) <= 0.01
     if method == "channel_regression":
@@ -178,14 +197,19 @@ def test_folding_gates_changes_the_output_by_less_than_1e_5(tiny_onnx):
     scores = gates.scores()
     pruned, plan, _ = prune_at_global_threshold(ctx, model, scores)
     plain = graph.prune_copy(ctx.model, ctx.example, plan)
-    hist = lambda m: Counter(n.op_type for n in export_mod.export_onnx(m, ctx.example, 17).graph.node)  # noqa: E731
+
+    def hist(m):
+        return Counter(n.op_type for n in export_mod.export_onnx(m, ctx.example, 17).graph.node)
+
     assert hist(pruned) == hist(plain)
 
 
 def test_global_threshold_meets_the_budget_and_is_one_threshold(zoo_model):
     ctx = make_ctx(zoo_model("vgg"), "network_slimming", {"flops": 0.5})
     gen = torch.Generator().manual_seed(3)
-    scores = {g.name: torch.rand(g.channels, generator=gen, dtype=torch.float64) for g in ctx.groups}
+    scores = {
+        g.name: torch.rand(g.channels, generator=gen, dtype=torch.float64) for g in ctx.groups
+    }
     pruned, plan, details = prune_at_global_threshold(ctx, ctx.model, scores)
     kept = ctx.costs(pruned).macs / ctx.base_costs.macs
     assert abs(kept - 0.5) <= 0.01, kept
@@ -203,10 +227,18 @@ def test_l1_subgradient_shrinks_the_gates(tiny_onnx):
     means = {}
     for s in (0.0, 0.5):
         # Adam moves a parameter by about lr per step: 2 epochs x 8 steps at lr 1e-2.
-        ctx = make_ctx(tiny_onnx, "network_slimming", {"flops": 0.5}, train_n=512, recovery={"epochs": 1, "lr": 1e-2})
+        ctx = make_ctx(
+            tiny_onnx,
+            "network_slimming",
+            {"flops": 0.5},
+            train_n=512,
+            recovery={"epochs": 1, "lr": 1e-2},
+        )
         result = NetworkSlimming(NetworkSlimmingParams(s=s, sparsity_epochs=2)).run(ctx)
         means[s] = result.details["gates"]["mean_abs"]
-        assert ctx.costs(result.model).macs / ctx.base_costs.macs == pytest.approx(result.details["kept_torch_count"])
+        assert ctx.costs(result.model).macs / ctx.base_costs.macs == pytest.approx(
+            result.details["kept_torch_count"]
+        )
     assert means[0.5] < means[0.0] - 0.03, means
 
 
@@ -218,5 +250,7 @@ def test_thinet_original_target_fits_the_unpruned_output(tiny_onnx):
         ctx = make_ctx(tiny_onnx, "thinet", {"flops": 0.6})
         result = ThiNet(params).run(ctx)
         with torch.no_grad():
-            errors[params.rescale] = float((result.model(ctx.calibration) - ctx.model(ctx.calibration)).pow(2).mean())
+            errors[params.rescale] = float(
+                (result.model(ctx.calibration) - ctx.model(ctx.calibration)).pow(2).mean()
+            )
     assert errors[True] < errors[False], errors

@@ -10,9 +10,10 @@ import onnx
 import pytest
 
 import zoo
+from engine import run
+from engine.flops import onnx_costs
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import run
-from workers.engine.flops import onnx_costs
 
 METHODS = {
     "network_slimming": {"sparsity_epochs": 1},
@@ -25,14 +26,21 @@ METHODS = {
 @pytest.mark.parametrize("name", zoo.test_zoo())
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_prunes_every_zoo_model(method, name, zoo_model, digits_npz, tmp_path):
-    spec = JobSpec(method={"name": method, "params": METHODS[method]}, target={"flops": 0.5}, recovery={"epochs": 1})
+    spec = JobSpec(
+        method={"name": method, "params": METHODS[method]},
+        target={"flops": 0.5},
+        recovery={"epochs": 1},
+    )
     out = tmp_path / "out"
-    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=3)
+    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=3, catalog=registry)
     pruned = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(pruned, full_check=True)
     original = onnx.load(str(zoo_model(name)))
     x = zoo.digits_arrays()["x_test"][:1]
-    kept = onnx_costs(pruned, {pruned.graph.input[0].name: x}).macs / onnx_costs(original, {original.graph.input[0].name: x}).macs
+    kept = (
+        onnx_costs(pruned, {pruned.graph.input[0].name: x}).macs
+        / onnx_costs(original, {original.graph.input[0].name: x}).macs
+    )
     assert abs(kept - 0.5) <= 0.01, kept
     assert report.target.met and abs(report.target.achieved - kept) < 1e-6
     assert report.parity["max_rel_diff"] <= 1e-4
@@ -45,10 +53,13 @@ def test_method_prunes_every_zoo_model(method, name, zoo_model, digits_npz, tmp_
 def test_scratch_recovery(method, zoo_model, digits_npz, tmp_path):
     for mode in ("E", "B"):
         spec = JobSpec(
-            method={"name": method, "params": METHODS[method]}, target={"flops": 0.5},
+            method={"name": method, "params": METHODS[method]},
+            target={"flops": 0.5},
             recovery={"mode": "scratch", "epochs": 1, "epochs_mode": mode},
         )
-        report = run(spec, zoo_model("vgg"), digits_npz, tmp_path / mode, latency_runs=3)
+        report = run(
+            spec, zoo_model("vgg"), digits_npz, tmp_path / mode, latency_runs=3, catalog=registry
+        )
         assert report.recovery["mode_used"] == "scratch"
         kept = report.method_details["kept_torch_count"]
         want = 1 if mode == "E" else math.ceil(1 / kept)

@@ -4,7 +4,7 @@ standard library, our own packages, or a distribution in the closure of the `wor
 requirements. Two checks, both read from the installed metadata (so a package that only the
 `dev` extra brings in fails them):
 
-* static: every `import` statement anywhere under workers/ (function-level ones included,
+* static: every `import` statement anywhere under core/, worker/, engine/ and methods/ (function-level ones included,
   which a plain import would not execute);
 * dynamic: every registered method's implementation, the engine and the Celery task module
   imported in a fresh interpreter whose import system refuses anything outside the set.
@@ -23,7 +23,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[2]
-FIRST_PARTY = {"workers", "app", "prunery", "migrations"}
+FIRST_PARTY = {"core", "worker", "engine", "methods", "server_cli", "app", "prunery", "migrations"}
+WORKER_PACKAGES = ("core", "worker", "engine", "methods")
 
 
 def _norm(name: str) -> str:
@@ -56,7 +57,11 @@ def _closure(dist: str, extras: set[str]) -> set[str]:
 
 def allowed_modules() -> set[str]:
     dists = _closure("prunery-server", {"worker"})
-    mods = {m for m, owners in metadata.packages_distributions().items() if any(_norm(o) in dists for o in owners)}
+    mods = {
+        m
+        for m, owners in metadata.packages_distributions().items()
+        if any(_norm(o) in dists for o in owners)
+    }
     return mods | FIRST_PARTY
 
 
@@ -78,15 +83,18 @@ def test_dev_tools_are_not_in_the_worker_closure():
     assert {"torch", "onnxruntime", "torch_pruning", "sklearn", "matplotlib"} <= allowed
 
 
-def test_every_import_under_workers_is_in_the_worker_extra():
+def test_every_import_of_the_worker_packages_is_in_the_worker_extra():
     allowed = allowed_modules() | set(sys.stdlib_module_names)
     missing = {
         f"{path.relative_to(ROOT)}: {name}"
-        for path in sorted((ROOT / "workers").rglob("*.py"))
+        for package in WORKER_PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
         for name in _imports(path)
         if name not in allowed and name != "__future__"
     }
-    assert not missing, "imports outside the `worker` extra (add them to it): " + ", ".join(sorted(missing))
+    assert not missing, "imports outside the `worker` extra (add them to it): " + ", ".join(
+        sorted(missing)
+    )
 
 
 _GUARD = r"""
@@ -109,26 +117,33 @@ class Refuse:
         pass
 
 sys.meta_path.insert(0, Refuse())
-from workers.methods import catalog
+from methods import registry
 names = []
-for info in catalog.list_methods():
+for info in registry.list_methods():
     module, _, cls = info.implementation.partition(":")
     getattr(importlib.import_module(module), cls)
     names.append(info.name)
-import workers.engine, workers.engine.pipeline, workers.engine.local, workers.tasks
+import engine, engine.pipeline, server_cli.prune, worker.tasks, worker.side_tasks, worker.celery_app
 print(json.dumps(names))
 """
 
 
 def test_every_method_imports_with_the_worker_extra_alone():
-    from workers.methods import catalog
+    from methods import registry
 
     # Refuse every module that an installed distribution outside the worker set provides.
-    refused = set(metadata.packages_distributions()) - allowed_modules() - set(sys.stdlib_module_names)
+    refused = (
+        set(metadata.packages_distributions()) - allowed_modules() - set(sys.stdlib_module_names)
+    )
     assert "pytest" in refused
     out = subprocess.run(
         [sys.executable, "-c", _GUARD, json.dumps(sorted(refused))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [m.name for m in catalog.list_methods()]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        m.name for m in registry.list_methods()
+    ]

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from workers.engine import graph, load, train
-from workers.engine.flops import torch_costs
-from workers.methods import anp, sanp
-from workers.methods.attacks import Attack, fgsm, pgd
-from workers.methods.channel_maps import group_channels
+from engine import graph, load, train
+from engine.channels import group_channels
+from engine.flops import torch_costs
+from methods.anp import impl as anp
+from methods.anp.attacks import Attack, fgsm, pgd
+from methods.sanp import impl as sanp
 
 ALPHA = 1e-4
 SHAPES = [(0.5, 0.5), (1.0, 1.0), (6.0, 1.0), (2.0, 5.0), (0.3, 3.0)]
@@ -73,7 +74,7 @@ def test_kl_is_non_negative_and_matches_monte_carlo():
         q = _mask(a_, b_, 400_000)
         with torch.no_grad():
             u = torch.rand(400_000, generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-            log_pi = torch.log1p(-u ** (1 / b_)) / a_
+            log_pi = torch.log1p(-(u ** (1 / b_))) / a_
             log_1m_pia = torch.log(u) / b_  # 1 − π^a = u^{1/b}
             log_q = math.log(a_ * b_) + (a_ - 1) * log_pi + (b_ - 1) * log_1m_pia
             log_p = (ALPHA - 1) * log_pi + math.log(ALPHA)  # Beta(α, 1): π^{α−1} / B(α, 1), B = 1/α
@@ -93,7 +94,9 @@ def _tiny_classifier(data: train.TensorData) -> nn.Module:
 @pytest.fixture(scope="module")
 def digits() -> train.TensorData:
     arrays = zoo.digits_arrays()
-    return train.TensorData(*(torch.from_numpy(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test")))
+    return train.TensorData(
+        *(torch.from_numpy(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
+    )
 
 
 def test_pgd_increases_the_loss_and_stays_in_the_ball(digits):
@@ -130,7 +133,9 @@ def resnet(zoo_model):
 def test_anp_masks_fold_exactly_into_the_weights(resnet):
     module, groups, x = resnet
     model = copy.deepcopy(module)
-    masks = anp.ChannelMasks(model, group_channels(model, graph.build_dependency_graph(model, x[:1]), groups))
+    masks = anp.ChannelMasks(
+        model, group_channels(model, graph.build_dependency_graph(model, x[:1]), groups)
+    )
     with torch.no_grad():  # spread the keep probabilities
         for m in masks.masks:
             m.a_raw.uniform_(-2, 3)
@@ -149,7 +154,9 @@ def test_sanp_gating_is_removal_and_the_cost_model_counts_it(resnet):
     module, groups, x = resnet
     base = torch_costs(module, x[:1]).macs
     model = copy.deepcopy(module)
-    controller = sanp.attach(model, graph.build_dependency_graph(model, x[:1]), groups, x[:1], base, 0.25)
+    controller = sanp.attach(
+        model, graph.build_dependency_graph(model, x[:1]), groups, x[:1], base, 0.25
+    )
     gen = torch.Generator().manual_seed(3)
     plan = {}
     with torch.no_grad():
@@ -176,10 +183,16 @@ class _ToyConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(12, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(24, 24, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10),
+            nn.Conv2d(1, 12, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(12, 24, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(24, 24, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(24, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +212,14 @@ def test_sanp_cost_loss_drives_the_mean_macs_to_the_budget(digits, target):
     x = digits.x_train[:1]
     base = torch_costs(model, x).macs
     analysis = graph.analyse(model, x, digits.x_train[:16])
-    controller = sanp.attach(model, graph.build_dependency_graph(model, x), analysis.groups, x, base, 0.25)
+    controller = sanp.attach(
+        model, graph.build_dependency_graph(model, x), analysis.groups, x, base, 0.25
+    )
     start = float(sanp.measure_macs(model, controller, digits.x_test).mean()) / base
     assert start > 0.95  # the modules start by keeping everything
-    sanp.train_jointly(model, controller, digits, target, epochs=4, cost_weight=100.0, lr=1e-3, spm_lr=0.01)
+    sanp.train_jointly(
+        model, controller, digits, target, epochs=4, cost_weight=100.0, lr=1e-3, spm_lr=0.01
+    )
     macs = sanp.measure_macs(model, controller, digits.x_test) / base
     assert abs(float(macs.mean()) - target) < 0.05, float(macs.mean())
     assert float(macs.std()) > 0  # decisions differ between samples

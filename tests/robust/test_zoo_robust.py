@@ -9,10 +9,11 @@ import onnx
 import pytest
 
 import zoo
+from engine import run
+from engine.flops import onnx_costs
+from engine.load import ort_session
+from methods import registry
 from prunery.spec import JobSpec
-from workers.engine import run
-from workers.engine.flops import onnx_costs
-from workers.engine.load import ort_session
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,12 @@ SANP_TOLERANCE = 0.02
 
 
 def _run(method: str, name: str, zoo_model, digits_npz: Path, out: Path):
-    spec = JobSpec(method={"name": method, "params": FAST[method]}, target={"flops": 0.5}, recovery={"epochs": 1})
-    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=5)
+    spec = JobSpec(
+        method={"name": method, "params": FAST[method]},
+        target={"flops": 0.5},
+        recovery={"epochs": 1},
+    )
+    report = run(spec, zoo_model(name), digits_npz, out, latency_runs=5, catalog=registry)
     pruned = onnx.load(str(out / "model.onnx"))
     onnx.checker.check_model(pruned, full_check=True)
     assert report.parity["max_rel_diff"] <= 1e-4
@@ -45,7 +50,10 @@ def test_anp_prunes_to_budget_and_reports_robustness(name, zoo_model, digits_npz
     report, pruned = _run("anp", name, zoo_model, digits_npz, tmp_path / "out")
     original = onnx.load(str(zoo_model(name)))
     x = zoo.digits_arrays()["x_test"][:1]
-    kept = onnx_costs(pruned, {pruned.graph.input[0].name: x}).macs / onnx_costs(original, {original.graph.input[0].name: x}).macs
+    kept = (
+        onnx_costs(pruned, {pruned.graph.input[0].name: x}).macs
+        / onnx_costs(original, {original.graph.input[0].name: x}).macs
+    )
     assert abs(kept - 0.5) <= 0.01, kept
     assert report.target.met and report.params.after < report.params.before
     rob = report.robustness
@@ -54,16 +62,23 @@ def test_anp_prunes_to_budget_and_reports_robustness(name, zoo_model, digits_npz
         acc = rob[side]
         assert set(acc) == {"clean", "fgsm", "pgd"} and all(0.0 <= v <= 1.0 for v in acc.values())
         assert acc["pgd"] <= acc["clean"] + 1e-9
-    assert rob["pruned"]["clean"] == pytest.approx(report.accuracy.after, abs=0.01)  # torch vs onnxruntime
+    assert rob["pruned"]["clean"] == pytest.approx(
+        report.accuracy.after, abs=0.01
+    )  # torch vs onnxruntime
     pgd = rob["attacks"]["pgd"]
-    assert pgd["epsilon"] == pytest.approx(0.03 * (pgd["hi"] - pgd["lo"]), rel=1e-4) and pgd["steps"] == 3
+    assert (
+        pgd["epsilon"] == pytest.approx(0.03 * (pgd["hi"] - pgd["lo"]), rel=1e-4)
+        and pgd["steps"] == 3
+    )
     details = report.method_details
     assert details["channels_removed"] > 0 and "channels_below_threshold" in details
     assert len(details["mask_training"]) == 1 and details["mask_training"][0]["kl"] > 0
 
 
 @pytest.mark.parametrize("name", CONV_MODELS)
-def test_sanp_meets_the_average_macs_budget_with_gates_in_the_graph(name, zoo_model, digits_npz, tmp_path):
+def test_sanp_meets_the_average_macs_budget_with_gates_in_the_graph(
+    name, zoo_model, digits_npz, tmp_path
+):
     report, pruned = _run("sanp", name, zoo_model, digits_npz, tmp_path / "out")
     dyn = report.dynamic
     assert dyn is not None and dyn["samples"] == 360

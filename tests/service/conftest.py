@@ -19,9 +19,9 @@ from e2ekit import REDIS_DB, SCHEMA  # noqa: E402
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     servicekit.require_services(REDIS_DB)
-    from app.config import Settings
-    from app.db import make_engine, make_sessionmaker, migrate, transaction
     from app.security import create_api_key, create_tenant
+    from core.db import make_engine, make_sessionmaker, migrate, transaction
+    from core.settings import Settings
 
     root = tmp_path_factory.mktemp("service")
     settings = Settings(

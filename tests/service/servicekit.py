@@ -230,7 +230,7 @@ class Stack:
                 "-m",
                 "celery",
                 "-A",
-                "workers.celery_app",
+                "worker.celery_app",
                 "worker",
                 "-Q",
                 f"{self.env['PRUNERY_JOB_QUEUE']},{self.env['PRUNERY_CONTROL_QUEUE']}",

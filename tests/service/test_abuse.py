@@ -26,8 +26,8 @@ pytestmark = pytest.mark.service
 
 
 def _new_key(stack) -> str:  # type: ignore[no-untyped-def]
-    from app.db import make_engine, make_sessionmaker, transaction
     from app.security import create_api_key, create_tenant
+    from core.db import make_engine, make_sessionmaker, transaction
 
     engine = make_engine(stack.settings)
     with transaction(make_sessionmaker(engine)) as s:
@@ -58,7 +58,7 @@ def _stalled_upload(port: int, key: str) -> socket.socket:
             f"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
             f"Content-Length: {50 * 1024 * 1024}\r\n\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"m.onnx\"\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n\r\n'
         ).encode()
         + b"\0" * 512
     )
@@ -103,8 +103,8 @@ def test_stalled_uploads_hold_no_connection_and_are_cut_off(stack):
 
 
 def test_event_streams_are_capped_per_tenant_and_hold_no_connection(stack):
-    from app.db import make_engine, make_sessionmaker, transaction
-    from app.models import Job, utcnow
+    from core.db import make_engine, make_sessionmaker, transaction
+    from core.orm import Job, utcnow
 
     key = _new_key(stack)
     engine = make_engine(stack.settings)
@@ -113,8 +113,15 @@ def test_event_streams_are_capped_per_tenant_and_hold_no_connection(stack):
         from app.security import lookup_key
 
         tenant = lookup_key(s, key).tenant_id  # type: ignore[union-attr]
-        job = Job(tenant_id=tenant, spec={}, status="running", worker="elsewhere:1",
-                  heartbeat_at=utcnow(), attempts=1, max_attempts=1)
+        job = Job(
+            tenant_id=tenant,
+            spec={},
+            status="running",
+            worker="elsewhere:1",
+            heartbeat_at=utcnow(),
+            attempts=1,
+            max_attempts=1,
+        )
         s.add(job)
         s.flush()
         job_id = job.id
@@ -124,19 +131,23 @@ def test_event_streams_are_capped_per_tenant_and_hold_no_connection(stack):
         stop = asyncio.Event()
 
         async def one(client: httpx.AsyncClient) -> None:
-            async with client.stream("GET", f"/v1/jobs/{job_id}/events",
-                                     headers={"Authorization": f"Bearer {key}"}) as r:
+            async with client.stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers={"Authorization": f"Bearer {key}"}
+            ) as r:
                 codes.append(r.status_code)
                 if r.status_code == 200:
                     await stop.wait()
 
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30,
-                                     limits=httpx.Limits(max_connections=40)) as client:
+        async with httpx.AsyncClient(
+            base_url=stack.url, timeout=30, limits=httpx.Limits(max_connections=40)
+        ) as client:
             tasks = [asyncio.create_task(one(client)) for _ in range(24)]
             await asyncio.sleep(2.5)
             async with httpx.AsyncClient(base_url=stack.url, timeout=10) as other:
                 t0 = time.perf_counter()
-                r = await other.get("/v1/models", headers={"Authorization": f"Bearer {stack.api_key}"})
+                r = await other.get(
+                    "/v1/models", headers={"Authorization": f"Bearer {stack.api_key}"}
+                )
                 assert r.status_code == 200 and time.perf_counter() - t0 < 1.0
             assert _idle_in_transaction() == 0
             stop.set()
@@ -186,12 +197,19 @@ def test_the_old_500s_are_4xx_over_real_http(stack, sdk, uploaded):
             c.get(ev, headers={**jh, "Last-Event-ID": "9" * 5000}),
             c.get(ev, headers={**jh, "Last-Event-ID": "²".encode()}),
             c.get("/v1/jobs/job_%00", headers=h),
-            c.post("/v1/jobs", headers={**h, "Content-Type": "application/json"},
-                   content=b'{"model_id": "m", "dataset_id": "d", "method": {"name": "l1_norm"}, '
-                           b'"target": {"flops": 0.5}, "data": {"mean": [NaN]}}'),
+            c.post(
+                "/v1/jobs",
+                headers={**h, "Content-Type": "application/json"},
+                content=b'{"model_id": "m", "dataset_id": "d", "method": {"name": "l1_norm"}, '
+                b'"target": {"flops": 0.5}, "data": {"mean": [NaN]}}',
+            ),
             c.post("/v1/jobs", headers=h, json=spec(uploaded, data={"image_size": [0, 0]})),
-            c.post("/v1/datasets", headers=h, files={"file": ("i.zip", hostile.tiny_png_zip())},
-                   data={"image_size": "-3,-3"}),
+            c.post(
+                "/v1/datasets",
+                headers=h,
+                files={"file": ("i.zip", hostile.tiny_png_zip())},
+                data={"image_size": "-3,-3"},
+            ),
         ]
         for r in answers:
             assert 400 <= r.status_code < 500, (r.request.url, r.status_code, r.text)
@@ -328,6 +346,9 @@ def test_database_outage_costs_no_attempt_and_loses_no_message(stack, sdk, uploa
     finally:
         worker.kill_worker(signal.SIGTERM)
         proxy.close()
-        print((tmp_path / "worker.log").read_text(errors="replace")[-3000:] if (tmp_path / "worker.log").exists() else "")
+        print(
+            (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+            if (tmp_path / "worker.log").exists()
+            else ""
+        )
         stack.start_worker()
-

@@ -58,7 +58,9 @@ def test_github_actions_workflow_steps_run_against_prunery_serve(zoo_model, digi
     env.update(job_env)
     env.update(
         PATH=f"{shim}:{env['PATH']}",
-        PYTHONPATH=os.pathsep.join([str(servicekit.REPO), str(servicekit.REPO / "sdk"), env.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join(
+            [str(servicekit.REPO), str(servicekit.REPO / "sdk"), env.get("PYTHONPATH", "")]
+        ),
         GITHUB_STEP_SUMMARY=str(step_summary),
         CI="true",
         GITHUB_ACTIONS="true",
@@ -74,7 +76,11 @@ def test_github_actions_workflow_steps_run_against_prunery_serve(zoo_model, digi
                 continue
             proc = subprocess.Popen(
                 ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
-                cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                cwd=work,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
                 start_new_session=True,
             )
             groups.append(proc.pid)
@@ -87,7 +93,11 @@ def test_github_actions_workflow_steps_run_against_prunery_serve(zoo_model, digi
                 os.killpg(pgid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    assert ran == ["Start a local Prunery server", "Prune and gate on accuracy", "Stop the local server"]
+    assert ran == [
+        "Start a local Prunery server",
+        "Prune and gate on accuracy",
+        "Stop the local server",
+    ]
 
     suite = ET.parse(work / "prunery-junit.xml").getroot().find("testsuite")
     cases = {c.get("name"): c for c in suite.findall("testcase")}
@@ -98,14 +108,20 @@ def test_github_actions_workflow_steps_run_against_prunery_serve(zoo_model, digi
     summary = (work / "prunery-summary.md").read_text()
     assert "| metric | before | after | change |" in summary and "max_accuracy_drop" in summary
     assert step_summary.read_text().strip() == summary.strip()
-    assert (work / "pruned" / "model.onnx").is_file() and (work / "pruned" / "report.html").is_file()
+    assert (work / "pruned" / "model.onnx").is_file() and (
+        work / "pruned" / "report.html"
+    ).is_file()
     assert (work / ".prunery-ci" / "credentials.json").is_file()
 
 
 def test_gitlab_job_mirrors_the_github_workflow():
-    gitlab = yaml.safe_load((servicekit.REPO / "examples" / "gitlab-ci.yml").read_text())["prune-gate"]
+    gitlab = yaml.safe_load((servicekit.REPO / "examples" / "gitlab-ci.yml").read_text())[
+        "prune-gate"
+    ]
     github = yaml.safe_load(WORKFLOW.read_text())["jobs"]["prune"]
-    submit_gh = next(s["run"] for s in github["steps"] if s.get("name") == "Prune and gate on accuracy")
+    submit_gh = next(
+        s["run"] for s in github["steps"] if s.get("name") == "Prune and gate on accuracy"
+    )
     submit_gl = next(line for line in gitlab["script"] if line.startswith("prunery submit"))
     assert submit_gl.split() == submit_gh.replace("\\\n", " ").split()
     assert gitlab["artifacts"]["reports"]["junit"] == "prunery-junit.xml"

@@ -60,6 +60,8 @@ def test_prunery_serve_runs_a_job_with_no_servers(digits, tmp_path):
                 "0.5",
                 "--epochs",
                 "1",
+                "--min-speedup",
+                "null",  # not a speed test
                 "--wait",
                 "--json",
                 "--out",

@@ -90,8 +90,8 @@ def test_killed_pool_child_is_redelivered_and_rerun(sdk, uploaded, stack):
 
     job = sdk.jobs.create(spec(uploaded, recovery={"epochs": 4, "batch_size": 32}))
     wait_for(lambda: _running_in(job, {"recover"}), timeout=300)
-    from app.db import make_engine, make_sessionmaker
-    from app.models import Job
+    from core.db import make_engine, make_sessionmaker
+    from core.orm import Job
 
     engine = make_engine(stack.settings)
     with make_sessionmaker(engine)() as s:

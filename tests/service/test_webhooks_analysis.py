@@ -56,11 +56,18 @@ def test_webhooks_signed_retried_and_logged(sdk, uploaded):
     secret = sdk.webhooks.secret()
     assert secret.startswith("whsec_") and sdk.webhooks.secret() == secret
     with Receiver(fail_first=1) as rx:
-        job = sdk.jobs.create(spec(uploaded, webhook={"url": rx.url, "events": ["running", "succeeded"]}))
+        job = sdk.jobs.create(
+            spec(uploaded, webhook={"url": rx.url, "events": ["running", "succeeded"]})
+        )
         job.wait(timeout=300)
         assert job.status == "succeeded"
         deliveries = wait_for(
-            lambda: (d := job.webhooks()) and len(d) == 2 and all(x["status"] == "delivered" for x in d) and d,
+            lambda: (
+                (d := job.webhooks())
+                and len(d) == 2
+                and all(x["status"] == "delivered" for x in d)
+                and d
+            ),
             timeout=60,
         )
     assert [d["event"] for d in deliveries] == ["running", "succeeded"]
@@ -87,8 +94,13 @@ def test_webhooks_signed_retried_and_logged(sdk, uploaded):
 @pytest.mark.service
 @pytest.mark.parametrize(
     "url",
-    ["http://10.1.2.3/hook", "http://169.254.169.254/latest/meta-data", "http://192.168.0.10:8080/",
-     "http://[fd00::1]/x", "http://0.0.0.0:80/"],
+    [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://192.168.0.10:8080/",
+        "http://[fd00::1]/x",
+        "http://0.0.0.0:80/",
+    ],
 )
 def test_webhook_to_a_refused_address_is_rejected_at_submit(sdk, uploaded, url):
     with pytest.raises(APIError) as err:
@@ -100,13 +112,21 @@ def test_webhook_to_a_refused_address_is_rejected_at_submit(sdk, uploaded, url):
 def test_delivery_time_check_refuses_without_sending(tmp_path):
     """A host that passed at submit but resolves to a refused address later (DNS rebinding)
     gets no request: the worker checks again before every attempt."""
-    from app.extra_models import WebhookDelivery
-    from app.models import utcnow
-    from app.webhooks import WebhookSettings, attempt_delivery, finish_attempt
+    from core.orm import WebhookDelivery, utcnow
+    from core.webhooks import WebhookSettings, attempt_delivery, finish_attempt
 
     with Receiver(fail_first=0) as rx:
-        d = WebhookDelivery(id="whd_test", job_id="job_x", tenant_id="ten_x", event="succeeded",
-                            url=rx.url, status="pending", payload="{}", attempts=[], attempt_count=0)
+        d = WebhookDelivery(
+            id="whd_test",
+            job_id="job_x",
+            tenant_id="ten_x",
+            event="succeeded",
+            url=rx.url,
+            status="pending",
+            payload="{}",
+            attempts=[],
+            attempt_count=0,
+        )
         strict = WebhookSettings(allowed_networks="")
         record = attempt_delivery(d, "whsec_x", strict)
         assert record["refused"] and "loopback" in record["error"]

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tfkit  # noqa: E402
 
+from core.errors import BadModel  # noqa: E402
+from engine import load  # noqa: E402
+from engine.pipeline import run  # noqa: E402
+from methods import registry
 from prunery.spec import JobSpec  # noqa: E402
-from workers.engine import load  # noqa: E402
-from workers.engine.pipeline import run  # noqa: E402
-from workers.errors import BadModel  # noqa: E402
 
 CASES = {
     "vit_legacy": (tfkit.torchvision_vit, "legacy", "image"),
@@ -45,9 +46,15 @@ def exported(tmp_path_factory):
         if case not in cache:
             build, exporter, kind = CASES[case]
             torch.manual_seed(0)
-            example = torch.randn(2, *tfkit.IMAGE) if kind == "image" else torch.randint(0, tfkit.VOCAB, (2, tfkit.TOKENS))
+            example = (
+                torch.randn(2, *tfkit.IMAGE)
+                if kind == "image"
+                else torch.randint(0, tfkit.VOCAB, (2, tfkit.TOKENS))
+            )
             model = tfkit.export(build(), example, root / f"{case}.onnx", exporter)
-            data = (tfkit.image_npz if kind == "image" else tfkit.token_npz)(root / f"{kind}.npz", n=160)
+            data = (tfkit.image_npz if kind == "image" else tfkit.token_npz)(
+                root / f"{kind}.npz", n=160
+            )
             cache[case] = (model, data)
         return cache[case]
 
@@ -56,12 +63,15 @@ def exported(tmp_path_factory):
 
 def _prune(model: Path, data: Path, out: Path, flops: float, method: str = "l1_norm"):
     spec = JobSpec(method={"name": method}, target={"flops": flops}, recovery={"mode": "none"})
-    return run(spec, model, data, out, latency_runs=3)
+    return run(spec, model, data, out, latency_runs=3, catalog=registry)
 
 
 def _attention_ratio(before: Path, after: Path, data: Path) -> float:
     x = np.load(data)["x_test"][:1]
-    a = tfkit.attention_macs(onnx.load(str(before)), {"input": x} if "input" in _inputs(before) else {_inputs(before)[0]: x})
+    a = tfkit.attention_macs(
+        onnx.load(str(before)),
+        {"input": x} if "input" in _inputs(before) else {_inputs(before)[0]: x},
+    )
     b = tfkit.attention_macs(onnx.load(str(after)), {_inputs(after)[0]: x})
     assert a > 0
     return b / a
@@ -95,15 +105,25 @@ def test_vits_reach_a_quarter_of_the_macs(case, exported, tmp_path):
     model, data = exported(case)
     report = _prune(model, data, tmp_path / "out", 0.25, method="random")
     assert abs(report.target.achieved - 0.25) <= 0.01, report.target
-    widths = {r.name: (r.channels_before, r.channels_after) for r in report.layers if r.op == "Conv2d"}
-    assert any(after < before for before, after in widths.values()), "the patch embedding (residual width) kept its width"
+    widths = {
+        r.name: (r.channels_before, r.channels_after) for r in report.layers if r.op == "Conv2d"
+    }
+    assert any(after < before for before, after in widths.values()), (
+        "the patch embedding (residual width) kept its width"
+    )
 
 
 def test_fixed_batch_dynamo_cnn_becomes_batch_polymorphic(tmp_path, digits_npz):
     """torch.onnx.export(dynamo=True) without dynamic_shapes bakes batch 1 into the flatten's
     shape; the loaded module must still run (and prune) at any batch."""
     torch.manual_seed(0)
-    path = tfkit.export(tfkit.FixedBatchCNN(), torch.randn(1, 1, 8, 8), tmp_path / "cnn.onnx", "dynamo", dynamic_batch=False)
+    path = tfkit.export(
+        tfkit.FixedBatchCNN(),
+        torch.randn(1, 1, 8, 8),
+        tmp_path / "cnn.onnx",
+        "dynamo",
+        dynamic_batch=False,
+    )
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 1
     loaded = load.load(path, (1, 8, 8))
@@ -119,7 +139,13 @@ def test_fixed_batch_one_transformer_is_refused_with_the_fix(tmp_path):
     """At batch 1 the dynamo exporter folds MultiheadAttention's batch transposes into
     Reshapes: no batch can be recovered, so the load says how to re-export."""
     torch.manual_seed(0)
-    path = tfkit.export(tfkit.torchvision_vit(), torch.randn(1, *tfkit.IMAGE), tmp_path / "vit1.onnx", "dynamo", dynamic_batch=False)
+    path = tfkit.export(
+        tfkit.torchvision_vit(),
+        torch.randn(1, *tfkit.IMAGE),
+        tmp_path / "vit1.onnx",
+        "dynamo",
+        dynamic_batch=False,
+    )
     with pytest.raises(BadModel, match="dynamic batch"):
         load.load(path, tfkit.IMAGE)
 
@@ -128,13 +154,19 @@ def test_fused_mha_fast_path_export_loads_with_its_heads(tmp_path):
     """Under torch.no_grad() nn.MultiheadAttention runs its fused fast path
     (_native_multi_head_attention); the dynamo exporter decomposes it. It loads at any
     batch and its heads are found."""
-    from workers.engine import heads
+    from engine import heads
 
     torch.manual_seed(0)
     model = tfkit.TextEncoder().eval()
     x = torch.randint(0, tfkit.VOCAB, (2, tfkit.TOKENS))
     with torch.no_grad():
-        program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes={"x": {0: torch.export.Dim.AUTO}}, verbose=False)
+        program = torch.onnx.export(
+            model,
+            (x,),
+            dynamo=True,
+            dynamic_shapes={"x": {0: torch.export.Dim.AUTO}},
+            verbose=False,
+        )
     program.save(str(tmp_path / "fused.onnx"), external_data=False)
     loaded = load.load(tmp_path / "fused.onnx", (tfkit.TOKENS,), input_high=tfkit.VOCAB)
     ids = torch.randint(0, tfkit.VOCAB, (3, tfkit.TOKENS))

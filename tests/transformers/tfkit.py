@@ -28,7 +28,13 @@ def torchvision_vit(num_classes: int = 10) -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(
-        image_size=16, patch_size=4, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=num_classes
+        image_size=16,
+        patch_size=4,
+        num_layers=2,
+        num_heads=4,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=num_classes,
     )
 
 
@@ -36,7 +42,12 @@ def torchvision_swin(num_classes: int = 10) -> nn.Module:
     from torchvision.models.swin_transformer import SwinTransformer
 
     return SwinTransformer(
-        patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=num_classes
+        patch_size=[2, 2],
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=[4, 4],
+        num_classes=num_classes,
     )
 
 
@@ -72,7 +83,9 @@ class TimmBlock(nn.Module):
 class TimmViT(nn.Module):
     """DeiT/timm-style ViT: conv patch embedding, class token, learned positions, pre-norm blocks."""
 
-    def __init__(self, num_classes: int = 10, dim: int = 32, depth: int = 2, heads: int = 4, patch: int = 4) -> None:
+    def __init__(
+        self, num_classes: int = 10, dim: int = 32, depth: int = 2, heads: int = 4, patch: int = 4
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(IMAGE[0], dim, patch, stride=patch)
         tokens = (IMAGE[1] // patch) ** 2
@@ -91,7 +104,9 @@ class TimmViT(nn.Module):
 class TextEncoder(nn.Module):
     """nn.TransformerEncoder token classifier: int64 [B, T] in, logits out."""
 
-    def __init__(self, num_classes: int = 4, dim: int = 32, heads: int = 4, layers: int = 2) -> None:
+    def __init__(
+        self, num_classes: int = 4, dim: int = 32, heads: int = 4, layers: int = 2
+    ) -> None:
         super().__init__()
         self.emb = nn.Embedding(VOCAB, dim)
         self.pos = nn.Parameter(torch.randn(1, TOKENS, dim) * 0.02)
@@ -109,7 +124,11 @@ class BertSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.query, self.key, self.value = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+        )
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.heads, self.head_dim).permute(0, 2, 1, 3)
@@ -140,7 +159,9 @@ class BertClassifier(nn.Module):
     """BertForSequenceClassification's layout (word + position embeddings, post-norm layers,
     pooler on the first token), built from a config with random weights."""
 
-    def __init__(self, num_classes: int = 4, dim: int = 32, heads: int = 4, layers: int = 2, hidden: int = 64) -> None:
+    def __init__(
+        self, num_classes: int = 4, dim: int = 32, heads: int = 4, layers: int = 2, hidden: int = 64
+    ) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(VOCAB, dim)
         self.position_embeddings = nn.Parameter(torch.randn(1, TOKENS, dim) * 0.02)
@@ -180,7 +201,9 @@ class FixedBatchCNN(nn.Module):
 # ------------------------------------------------------------------ export and data
 
 
-def export(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, dynamic_batch: bool = True) -> Path:
+def export(
+    model: nn.Module, example: torch.Tensor, path: Path, exporter: str, dynamic_batch: bool = True
+) -> Path:
     """exporter: 'legacy' (TorchScript, opset 17) or 'dynamo' (torch.export, its default opset)."""
     model = model.eval()
     # Not under torch.no_grad(): there nn.MultiheadAttention takes its fused fast path
@@ -190,15 +213,25 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, exporter: str, d
         if exporter == "legacy":
             buf = io.BytesIO()
             torch.onnx.export(
-                model, (example,), buf, dynamo=False, opset_version=17, input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None,
+                model,
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}
+                if dynamic_batch
+                else None,
             )
             path.write_bytes(buf.getvalue())
         else:
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             name = next(iter(__import__("inspect").signature(model.forward).parameters))
             shapes = {name: {0: torch.export.Dim.AUTO}} if dynamic_batch else None
-            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes, verbose=False)
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, dynamic_shapes=shapes, verbose=False
+            )
             program.save(str(path), external_data=False)
     return path
 
@@ -236,7 +269,7 @@ def token_npz(path: Path, n: int = 320, seed: int = 0) -> Path:
 def attention_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
     """MACs of MatMuls whose two operands are both activations (q·kᵀ and attn·v), counted on
     the ONNX graph with shapes from onnxruntime."""
-    from workers.engine.flops import _all_shapes
+    from engine.flops import _all_shapes
 
     shapes = _all_shapes(model, feed)
     consts = {t.name for t in model.graph.initializer} | {
