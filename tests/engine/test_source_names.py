@@ -152,9 +152,16 @@ def test_html_shows_each_layers_latency_share(pruned_dynamo):
     assert shares is not None
     assert sum(shares["latency before"]) == pytest.approx(100.0)
     assert sum(shares["MACs before"]) == pytest.approx(100.0)
-    # Pruning made the timed layers faster in total, and the after-bars say so.
-    assert sum(shares["latency after"]) < 100.0
     total = sum(r.latency_before_us or 0.0 for r in report.layers)
+    # After-bars are shares of the original's total (not of their own), so they add up to the
+    # measured after/before ratio: one-op timings of 10-30 µs layers are too noisy to say
+    # which way that ratio goes, but the chart must show whichever it is.
+    after_total = sum(r.latency_after_us or 0.0 for r in report.layers)
+    assert sum(shares["latency after"]) == pytest.approx(100.0 * after_total / total)
+    assert sum(shares["MACs after"]) == pytest.approx(
+        100.0 * sum(r.macs_after for r in report.layers) / sum(r.macs_before for r in report.layers)
+    )
+    assert sum(shares["MACs after"]) < 100.0
     for row in report.layers:
         assert row.latency_before_us is not None and row.latency_after_us is not None
         cell = f"{row.latency_before_us / total:.1%} → {row.latency_after_us / total:.1%}"
