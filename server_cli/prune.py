@@ -187,18 +187,51 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(exc))
 
     from core.errors import EngineError
-    from engine import run
-    from methods import registry
 
     parent = args.out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model_path, bundle = _model_file(args.model, parent)
+    except EngineError as exc:
+        return _fail(f"{exc.code}: {exc.message}")
+    try:
+        return _run(args, spec, model_path, parent)
+    finally:
+        if bundle is not None:
+            shutil.rmtree(bundle, ignore_errors=True)
+
+
+def _model_file(model: Path, parent: Path) -> tuple[Path, Path | None]:
+    """The .onnx to prune: the file itself, or — for a .zip of an .onnx and its external
+    data, as POST /v1/models takes it — one self-contained .onnx made from it (the same
+    archive guards as the service), in a temporary folder returned for removal."""
+    from core.validation.onnx_bundle import embed_bundle, is_zip
+
+    if not is_zip(model):
+        return model, None
+    bundle = Path(tempfile.mkdtemp(prefix=".bundle-", dir=parent))
+    try:
+        name = embed_bundle(model, bundle / "embedded.onnx")
+        path = bundle / Path(name).name
+        (bundle / "embedded.onnx").rename(path)
+    except BaseException:
+        shutil.rmtree(bundle, ignore_errors=True)
+        raise
+    return path, bundle
+
+
+def _run(args: argparse.Namespace, spec: JobSpec, model_path: Path, parent: Path) -> int:
+    from core.errors import EngineError
+    from engine import run
+    from methods import registry
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{args.out.name}.tmp-", dir=parent))
     bar = _Progress(args.quiet)
     _stop_on_sigterm()
     try:
         report = run(
             spec,
-            args.model,
+            model_path,
             args.data,
             tmp,
             progress=bar,

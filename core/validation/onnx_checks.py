@@ -144,7 +144,7 @@ def load_checked(
         if fh.read(4) == b"PK\x03\x04":
             raise BadModel(
                 "this is a .zip, not an .onnx file; give the .onnx itself with its external data "
-                "file(s) beside it (the API's POST /v1/models takes such a .zip)"
+                "file(s) beside it (`prunery prune` and the API's POST /v1/models take such a .zip)"
             )
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -4,6 +4,7 @@ from the upload records is the one `prunery prune` prints; a model .zip becomes 
 
 from __future__ import annotations
 
+import json
 import stat
 import zipfile
 from pathlib import Path
@@ -190,3 +191,34 @@ def test_hostile_or_broken_bundles_are_refused(files, tmp_path, case, fragment):
     assert not (tmp_path / "out.onnx").exists()
     assert not (tmp_path / "model.onnx.data").exists()  # nothing written outside
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle-")] == []
+
+
+def test_prunery_prune_takes_the_same_zip_the_api_takes(zoo_model, digits_npz, tmp_path, capsys):
+    """`prunery prune model.zip` embeds the bundle with the service's guards, prunes the
+    self-contained model and leaves no unpacked folder behind; a hostile zip is refused
+    before anything is written."""
+    from prunery.types import ExitCode
+    from server_cli import prune as local
+
+    pair = external_data_pair(zoo_model("vgg"), tmp_path / "export")
+    data = (tmp_path / "export" / "model.onnx.data").read_bytes()
+    bundle = tmp_path / "model.zip"
+    bundle.write_bytes(zip_of({"model.onnx": pair.read_bytes(), "model.onnx.data": data}))
+    out = tmp_path / "out"
+    argv = ["--data", str(digits_npz), "--method", "l1_norm", "--target-flops", "0.5"]
+    argv += ["--epochs", "0", "--min-speedup", "null", "--latency-runs", "20", "--quiet"]
+    rc = local.main([str(bundle), *argv, "--out", str(out)])
+    assert rc == ExitCode.OK, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["target"]["achieved"] - 0.5) <= 0.01
+    assert onnx.load(str(out / "model.onnx")).graph.node
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle-")]
+
+    hostile = tmp_path / "hostile.zip"
+    hostile.write_bytes(zip_of({"model.onnx": pair.read_bytes(), "../model.onnx.data": data}))
+    capsys.readouterr()
+    rc = local.main([str(hostile), *argv, "--out", str(tmp_path / "never")])
+    err = capsys.readouterr().err
+    assert rc == ExitCode.BAD_INPUT and "bad_model" in err and "unsafe path" in err, err
+    assert not (tmp_path / "never").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle-")]
