@@ -103,6 +103,29 @@ class BoundedDependencyGraph(tp.DependencyGraph):
 
     budget: AnalyseBudget | None = None
 
+    # Pruners for single module instances (grouped convs that lose whole blocks, see
+    # grouped.py). Torch-Pruning accepts instances in `customized_pruners` but then fails
+    # in its tracer (isinstance with an instance) and looks pruners up by type only, so
+    # they are kept here and consulted first.
+    instance_pruners: dict[nn.Module, tp.pruner.function.BasePruningFunc] = {}
+
+    def get_pruner_of_module(self, module: nn.Module):
+        own = self.instance_pruners.get(module) if isinstance(module, nn.Module) else None
+        return own if own is not None else super().get_pruner_of_module(module)
+
+    def is_out_channel_pruning_fn(self, fn: Callable) -> bool:
+        return any(fn == p.prune_out_channels for p in self._instance_kinds()) or (
+            super().is_out_channel_pruning_fn(fn)
+        )
+
+    def is_in_channel_pruning_fn(self, fn: Callable) -> bool:
+        return any(fn == p.prune_in_channels for p in self._instance_kinds()) or (
+            super().is_in_channel_pruning_fn(fn)
+        )
+
+    def _instance_kinds(self) -> list[tp.pruner.function.BasePruningFunc]:
+        return list({id(p): p for p in self.instance_pruners.values()}.values())
+
     def _name_of(self, module: nn.Module) -> str:
         names = getattr(self, "_module2name", None) or {}
         return names.get(module, type(module).__name__)

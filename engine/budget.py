@@ -69,6 +69,16 @@ def _chunks_for_group(
     return chunks
 
 
+def _order(group: ChannelGroup, s: torch.Tensor) -> list[int]:
+    """Lowest score first; for a group with cells (grouped.py), whole cells in the order of
+    their mean score, so that chunks of a multiple of the quantum are exactly whole cells."""
+    if group.cells and sum(len(c) for c in group.cells) == group.channels:
+        means = [float(s[c].mean()) for c in group.cells]
+        ranked = sorted(range(len(group.cells)), key=lambda k: (means[k], k))
+        return [i for k in ranked for i in sorted(group.cells[k], key=lambda i: (float(s[i]), i))]
+    return torch.argsort(s, stable=True).tolist()
+
+
 def removal_order(
     groups: Sequence[ChannelGroup],
     scores: dict[str, torch.Tensor],
@@ -90,10 +100,12 @@ def removal_order(
             raise EngineError(
                 f"method scored {s.numel()} channels of {group.name}, which has {group.channels}"
             )
-        order = torch.argsort(s, stable=True).tolist()
+        order = _order(group, s)
         mean = float(s.abs().mean()) or 1.0
         removed = 0
         step = round_to if steps is None else steps.get(group.name, round_to)
+        # A grouped conv's channels go a block (or offset) at a time: chunks of whole cells.
+        step = group.quantum * math.ceil(max(step, 1) / group.quantum)
         for chunk in _chunks_for_group(group, order, step, max_ratio):
             removed += len(chunk)
             if allocation == "uniform":

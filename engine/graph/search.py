@@ -138,10 +138,9 @@ def _screen(
         if clash is not None:
             excluded.append((name, clash))
             continue
-        if ties and ties[0].per_block <= 1:
-            excluded.append(
-                (name, f"every block of grouped convolution {ties[0].conv} has a single channel")
-            )
+        if ties and ties[0].max_cells < 1:
+            what = "is a single block" if ties[0].kind == "block" else "has one channel per block"
+            excluded.append((name, f"grouped convolution {ties[0].conv} {what}"))
             continue
         if channels <= step:
             excluded.append(
@@ -240,6 +239,7 @@ def analyse(
     dg.budget = budget
     candidates, excluded = _candidate_groups(model, dg, module_names(model), budget)
     info = {name: (channels, members) for name, channels, members, _ in candidates}
+    ties_by_name = {name: ties for name, _, _, ties in candidates}
     to_probe = _screen(candidates, set(ignored), _output_layers(model), round_to, seed, excluded)
     # A few samples prove zero equivalence as well as many (any misalignment shows on one).
     batch = batch[:PROBE_SAMPLES]
@@ -254,7 +254,16 @@ def analyse(
     for name in order:
         if prover.reasons.get(name) is None:
             channels, members = info[name]
-            groups.append(ChannelGroup(name, channels, members))
+            tie = ties_by_name[name][0] if ties_by_name[name] else None
+            groups.append(
+                ChannelGroup(
+                    name,
+                    channels,
+                    members,
+                    quantum=tie.quantum if tie else 1,
+                    cells=[sorted(c) for _, c in sorted(tie.cells().items())] if tie else [],
+                )
+            )
         else:
             excluded.append((name, str(prover.reasons[name])))
     budget.at(f"{len(groups)} prunable groups, {len(excluded)} excluded", 1.0)

@@ -20,11 +20,14 @@ PRUNABLE_ROOTS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph, with a bounded group walk (see bounded.py) and the
-    pruner that slices per-channel constants (channel_consts.py)."""
+    """Torch-Pruning's dependency graph, with a bounded group walk (see bounded.py), the
+    pruner that slices per-channel constants (channel_consts.py) and whole-block pruning of
+    grouped convs (grouped.py)."""
     pruners: dict[Any, Any] = {**channel_consts.CUSTOM_PRUNERS, **shuffle.CUSTOM_PRUNERS}
+    dg = BoundedDependencyGraph()
+    dg.instance_pruners = dict(grouped.block_pruners(model))
     with torch.enable_grad():
-        return BoundedDependencyGraph().build_dependency(
+        return dg.build_dependency(
             model,
             example_inputs=example,
             verbose=False,
@@ -41,11 +44,16 @@ class GroupMember:
 
 @dataclass
 class ChannelGroup:
-    """A set of coupled channels that must be removed together, named by its root layer."""
+    """A set of coupled channels that must be removed together, named by its root layer.
+
+    `quantum`: channels go in multiples of it (a grouped conv's block or offset, grouped.py);
+    `cells`: those units as root-index lists (empty when any channel can go alone)."""
 
     name: str
     channels: int
     members: list[GroupMember] = field(default_factory=list)
+    quantum: int = 1
+    cells: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def out_layers(self) -> list[str]:

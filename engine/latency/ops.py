@@ -71,6 +71,12 @@ class OpSig:
     def depthwise(self) -> bool:
         return self.kind == "conv" and self.groups > 1 and self.groups == self.cin == self.cout
 
+    @property
+    def blocked(self) -> bool:
+        """A grouped conv that loses whole blocks (grouped.takes_blocks): in and out channels
+        go together, the per-group width stays."""
+        return self.kind == "conv" and 1 < self.groups < self.cin and self.cin == self.cout
+
     def key(self, batch: int) -> str:
         return (
             f"{self.kind}|b{batch}|{self.cin}x{self.cout}|s{self.spatial}|k{self.kernel}|st{self.stride}"
@@ -100,6 +106,10 @@ class OpSig:
         groups = self.groups
         if self.depthwise:
             cin = cout = groups = max(cin, cout)
+        elif self.blocked:  # whole blocks: keep the per-group width, fewer groups
+            per = self.cin // self.groups
+            cin = cout = max(per, round(max(cin, cout) / per) * per)
+            groups = cin // per
         elif groups > 1:  # grouped: keep the group count, widths multiples of it
             cin = max(groups, cin // groups * groups)
             cout = max(groups, cout // groups * groups)

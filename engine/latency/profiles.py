@@ -55,8 +55,9 @@ def _at_width(layers: list[tuple[OpSig, bool, bool]], channels: int, width: int)
     out = []
     f = width / channels
     for sig, o, i in layers:
-        cout = max(1, round(sig.cout * f)) if o or sig.depthwise else sig.cout
-        cin = max(1, round(sig.cin * f)) if i or sig.depthwise else sig.cin
+        coupled = sig.depthwise or sig.blocked  # input and output channels go together
+        cout = max(1, round(sig.cout * f)) if o or coupled else sig.cout
+        cin = max(1, round(sig.cin * f)) if i or coupled else sig.cin
         out.append(sig.resized(cin, cout))
     return out
 

@@ -6,6 +6,7 @@ excluded except the classifier."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import cnnkit  # noqa: E402
 
-from engine import graph, load, run  # noqa: E402
+from engine import graph, grouped, load, run  # noqa: E402
 from methods import registry
 from prunery.spec import JobSpec  # noqa: E402
 
@@ -90,11 +91,12 @@ def test_channel_shuffle_is_a_permutation_that_follows_pruning(tmp_path):
 
 
 def test_grouped_conv_removes_whole_offsets():
-    """A request inside a grouped conv is projected onto offsets removed from every block."""
+    """A grouped conv whose input and output widths differ cannot drop whole blocks: a request
+    is projected onto offsets removed from every input block."""
     from torch import nn
 
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 8, 1)
+        nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.Conv2d(32, 8, 1)
     ).eval()
     gm = torch.fx.symbolic_trace(model)
     x = torch.randn(2, 3, 8, 8)
@@ -103,9 +105,63 @@ def test_grouped_conv_removes_whole_offsets():
     group = graph.full_group(gm, dg, "0", [1, 5, 9, 2])
     assert sorted(group[0].idxs) == [1, 5, 9, 13]
     group.prune()
-    assert gm.get_submodule("1").weight.shape == (16, 3, 3, 3)
+    assert gm.get_submodule("1").weight.shape == (32, 3, 3, 3)
     with torch.no_grad():
         assert gm(x).shape == (2, 8, 8, 8)
+
+
+def test_grouped_conv_loses_whole_blocks():
+    """RegNet/ResNeXt-style grouped convs (w -> w channels per block) lose whole blocks: the
+    producer before, the conv's input and output and the consumer after are one group, the
+    per-group kernel is untouched, `groups` falls, and the pruned network computes exactly
+    what the original does with those channels zeroed."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+    ).eval()
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.bias.uniform_(-1, 1)
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 8, 8)
+    analysis = graph.analyse(gm, x[:1], x)
+    (g,) = [g for g in analysis.groups if "3" in {m.name for m in g.members}]
+    assert {(m.name, m.role) for m in g.members} >= {("0", "out"), ("3", "out"), ("6", "in")}
+    assert g.quantum == 4 and g.cells == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+        [12, 13, 14, 15],
+    ]
+    dg = graph.build_dependency_graph(gm, x[:1])
+    # Requests in blocks 0 (twice), 1 and 2: block 0, the most requested, goes whole.
+    group = graph.full_group(gm, dg, g.name, [1, 5, 9, 2])
+    assert sorted(group[0].idxs) == [0, 1, 2, 3]
+    pruned = graph.prune_copy(gm, x[:1], {g.name: [0, 1, 2, 3]})
+    conv = pruned.get_submodule("3")
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (12, 12, 3)
+    assert conv.weight.shape == (12, 4, 3, 3)
+    assert torch.equal(conv.weight, gm.get_submodule("3").weight[4:])
+    assert pruned.get_submodule("6").weight.shape == (8, 12, 1, 1)
+    # Equivalence: the original with block 0's channels zeroed where they are produced.
+    ref = copy.deepcopy(gm)
+    ref_dg = graph.build_dependency_graph(ref, x[:1])
+    graph.zero_out_channels(ref_dg, graph.full_group(ref, ref_dg, g.name, [0, 1, 2, 3]))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-5, atol=1e-6)
+    # Never the last block, and never a partial one.
+    assert len(graph.full_group(gm, dg, g.name, list(range(15)))[0].idxs) == 12
+    with pytest.raises(ValueError, match="whole blocks of 4"):
+        grouped.BLOCK_PRUNER.prune_out_channels(copy.deepcopy(gm.get_submodule("3")), [0, 1])
 
 
 def test_layer_scale_is_sliced_with_its_channels(tmp_path):
@@ -123,3 +179,23 @@ def test_layer_scale_is_sliced_with_its_channels(tmp_path):
     }
     with torch.no_grad():
         assert pruned(x).shape == (4, 10)
+
+
+def test_budget_chunks_and_timed_widths_are_whole_blocks():
+    """The allocator removes a block-grouped conv's channels a whole block at a time (the
+    block with the lowest mean score first), and latency profiles time it as fewer groups
+    of the same width."""
+    from engine.budget import removal_order
+    from engine.graph import ChannelGroup
+    from engine.latency.ops import OpSig
+
+    g = ChannelGroup("b", 8, quantum=4, cells=[[0, 1, 2, 3], [4, 5, 6, 7]])
+    scores = {"b": torch.tensor([5.0, 5, 5, 5, 1, 1, 9, 1])}  # block 1: mean 3 < 5
+    for steps in (None, {"b": 3}):
+        chunks = removal_order([g], scores, "uniform", 1, 0.9, steps=steps)
+        assert [c.idxs for c in chunks] == [[4, 5, 7, 6]]  # block 1 whole; block 0 stays
+    sig = OpSig("conv", 64, 64, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), groups=4)
+    assert sig.blocked and not sig.depthwise
+    small = sig.resized(48, 48)
+    assert (small.cin, small.cout, small.groups) == (48, 48, 3)
+    assert small.macs() * 4 == sig.macs() * 3
