@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,17 +97,40 @@ def start_worker(
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    """Stop the worker and everything in its process group: Celery's main process can exit
+    before its pool child and the embedded beat have, so wait for the *group* to be gone
+    (SIGTERM, then SIGKILL after `timeout`), not only for the process we started."""
+    if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            _kill_group(proc.pid)
+            proc.wait(timeout=5)
+    if not _group_gone(proc.pid, timeout):
+        _kill_group(proc.pid)
+        _group_gone(proc.pid, 5.0)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
         except ProcessLookupError:
-            pass
-        proc.wait(timeout=5)
+            return True
+        except PermissionError:  # the id was reused by someone else's group: ours is gone
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
