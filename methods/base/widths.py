@@ -184,6 +184,13 @@ class WidthCost:
         return self(widths) / self.base_total
 
 
+def group_step(group: ChannelGroup, round_to: int) -> int:
+    """The width step of a group: round_to, raised to a multiple of the group's quantum (a
+    grouped conv's block, engine/grouped.py), so every width is reachable exactly."""
+    q = max(1, group.quantum)
+    return q * math.ceil(max(1, round_to) / q)
+
+
 def round_width(k: float, channels: int, round_to: int) -> int:
     """A width in [round_to, channels] that is a multiple of round_to (or the full width)."""
     step = max(1, round_to)

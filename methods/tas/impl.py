@@ -38,7 +38,14 @@ from engine import train
 from engine.graph import channel_scores
 from engine.method import MethodResult, PruneContext, widths_to_plan
 from methods.base.scoring import filter_l1
-from methods.base.widths import ChannelSites, WidthCost, curves_png, round_width, widths_table
+from methods.base.widths import (
+    ChannelSites,
+    WidthCost,
+    curves_png,
+    group_step,
+    round_width,
+    widths_table,
+)
 from methods.tas import TASParams
 
 MAX_LAYER_RATIO = 0.9  # as every method in the engine: keep >= 10% of each group
@@ -153,23 +160,28 @@ def adjust_to_budget(
     channels: dict[str, int],
     target: float,
     tolerance: float,
-    round_to: int,
+    round_to: int | dict[str, int],
 ) -> tuple[dict[str, int], int]:
     """Move the widths by the fewest channels so that cost.fraction lands within tolerance/2
-    of the target (greedy: each step changes one group by round_to channels, choosing the
-    step that lands in the band, else the one that moves the cost most towards the target).
-    Returns (widths, channels changed)."""
+    of the target (greedy: each step changes one group by its step — round_to, or a step
+    per group — choosing the step that lands in the band, else the one that moves the cost
+    most towards the target). Returns (widths, channels changed)."""
     widths = dict(widths)
-    step = max(1, round_to)
+    steps = (
+        {n: max(1, round_to.get(n, 1)) for n in widths}
+        if isinstance(round_to, dict)
+        else {n: max(1, round_to) for n in widths}
+    )
     band = tolerance / 2
     changed = 0
-    for _ in range(sum(channels.values()) // step + 1):
+    for _ in range(sum(channels.values()) // min(steps.values(), default=1) + 1):
         f = float(cost.fraction(widths))
         if abs(f - target) <= band:
             break
         sign = -1 if f > target else 1
         best, best_key = None, None
         for n, w in widths.items():
+            step = steps[n]
             keep_min = max(step, math.ceil(channels[n] * (1.0 - MAX_LAYER_RATIO)))
             nw = min(channels[n], w + sign * step) if sign > 0 else w - step
             if nw == w or nw < keep_min:
@@ -197,7 +209,7 @@ class TAS:
         l1 = {g.name: channel_scores(net, dg, g.name, filter_l1) for g in ctx.groups}
         order = {n: torch.argsort(-s, stable=True) for n, s in l1.items()}  # strongest first
         cands = {
-            g.name: candidate_widths(g.channels, p.width_candidates, ctx.round_to)
+            g.name: candidate_widths(g.channels, p.width_candidates, group_step(g, ctx.round_to))
             for g in ctx.groups
         }
         search = WidthSearch(ctx.groups, cands, order)
@@ -222,7 +234,12 @@ class TAS:
         else:
             searched_f = float(cost.fraction(searched))
             final, changed = adjust_to_budget(
-                cost, searched, search.channels, goal, target.tolerance, ctx.round_to
+                cost,
+                searched,
+                search.channels,
+                goal,
+                target.tolerance,
+                {g.name: group_step(g, ctx.round_to) for g in ctx.groups},
             )
             if changed:
                 notes.append(

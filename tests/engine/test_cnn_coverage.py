@@ -199,3 +199,46 @@ def test_budget_chunks_and_timed_widths_are_whole_blocks():
     small = sig.resized(48, 48)
     assert (small.cin, small.cout, small.groups) == (48, 48, 3)
     assert small.macs() * 4 == sig.macs() * 3
+
+
+def test_width_search_lands_on_whole_blocks(images, tmp_path):
+    """TAS chooses widths itself (not through the removal order): on RegNet its candidate
+    widths and budget adjustment step by whole blocks, so it still lands on the budget, and
+    every grouped conv in the exported model keeps its per-group width."""
+    import onnx
+    from onnx import numpy_helper
+
+    from methods.base.widths import group_step
+
+    assert group_step(graph.ChannelGroup("b", 64, quantum=16), 1) == 16
+    assert group_step(graph.ChannelGroup("b", 64, quantum=16), 24) == 32
+    path = cnnkit.export(cnnkit.reduced("regnet_x_400mf"), tmp_path / "r.onnx", SIZE, False)
+    spec = JobSpec(
+        method={"name": "tas", "params": {"search_epochs": 1}},
+        target={"flops": 0.5},
+        recovery={"mode": "none"},
+        gates={"min_speedup": None},
+    )
+    report = run(spec, path, images, tmp_path / "out", latency_runs=20, catalog=registry)
+    assert report.target.met and abs(report.target.achieved - 0.5) <= 0.01
+    pruned = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    grouped_convs = [
+        n
+        for n in pruned.graph.node
+        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
+    assert grouped_convs
+    for node in grouped_convs:
+        w = inits[node.input[1]]
+        groups = next(a.i for a in node.attribute if a.name == "group")
+        assert w.shape[1] == 8 and w.shape[0] == 8 * groups, (node.name, w.shape, groups)
+    before = sum(
+        a.i
+        for n in onnx.load(str(path)).graph.node
+        for a in n.attribute
+        if n.op_type == "Conv" and a.name == "group" and a.i > 1
+    )
+    after = sum(next(a.i for a in n.attribute if a.name == "group") for n in grouped_convs)
+    assert after < before  # blocks really went
+    assert sum(1 for r in report.layers if r.channels_after < r.channels_before) >= 4
