@@ -20,7 +20,7 @@ from torch import nn
 from engine import latency, run
 from engine.graph import ChannelGroup, GroupMember
 from methods import registry
-from prunery.report import LatencyResult
+from prunery.report import LatencyResult, Report
 from prunery.spec import JobSpec, Target
 from server_cli.prune import build_parser, build_spec
 
@@ -293,3 +293,33 @@ def test_coarse_steps_that_straddle_the_target_leave_one_group_off_step():
         assert abs(split.kept - target) <= 0.005 < abs(coarse.kept - target)
         off_step = [n for n, idx in split.plan.items() if len(idx) % 16]
         assert len(off_step) == 1, split.plan
+
+
+def test_latency_sweep_gives_one_model_per_point(cnn_job, tmp_path, monkeypatch):
+    """`target.latency: [0.8, 0.6]`: one job, one exported model per point, each point's
+    achieved fraction is the verify stage's own measurement of that model, and the tighter
+    point bought its latency with more channels."""
+    monkeypatch.setenv("PRUNERY_LATENCY_CACHE", str(tmp_path / "latency.json"))
+    model, data = cnn_job
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"latency": [0.8, 0.6], "latency_batch": 32},
+        recovery={"mode": "none"},
+        gates={"min_speedup": None},
+    )
+    out = tmp_path / "out"
+    report = run(spec, model, data, out, latency_runs=20, latency_threads=1, catalog=registry)
+    assert report.sweep is not None and [p.label for p in report.sweep] == [
+        "latency-0.8",
+        "latency-0.6",
+    ]
+    for point in report.sweep:
+        own = Report.model_validate_json((out / point.artifacts["report.json"]).read_text())
+        assert own.target.kind == "latency" and own.target.requested == point.target.requested
+        lat32 = next(lat for lat in own.latency_ms if lat.batch_size == 32)
+        assert own.target.achieved == pytest.approx(lat32.after / lat32.before, rel=1e-3)
+        assert point.target.achieved == own.target.achieved
+        assert 0.3 < own.target.achieved < 1.0, own.target.achieved
+        assert (out / point.artifacts["model.onnx"]).is_file()
+    loose, tight = report.sweep
+    assert tight.macs_ratio < loose.macs_ratio < 1.0
