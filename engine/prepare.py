@@ -74,10 +74,36 @@ class Prepared:
     def rebind(self, spec: JobSpec, catalog: MethodCatalog) -> Prepared:
         """The same loaded, analysed model for another spec (method, target, recovery):
         benchmarks compare many configurations on one preparation. The analysis is reused
-        as it is (round_to, seed and head groups come from the first spec)."""
+        (round_to and seed come from the first spec), except for whole-attention-head groups,
+        which follow the new method: dropped for a method that does not prune heads (it
+        would be handed groups it cannot score: taylor, thinet and channel_regression failed
+        on every ViT this way), added for one that does."""
         info, params, method = instantiate(spec, catalog)
+        analysis = self.analysis
+        had_heads = any(heads.is_head_group(g.name) for g in analysis.groups)
+        wants_heads = bool(getattr(method, "prunes_heads", False))
+        if had_heads and not wants_heads:
+            analysis = dataclasses.replace(
+                analysis,
+                groups=[g for g in analysis.groups if not heads.is_head_group(g.name)],
+            )
+        elif wants_heads and not had_heads and not getattr(self.method, "prunes_heads", False):
+            head_groups, head_excluded = heads.analyse(
+                self.module, self.example, self.calibration[:16], self.spec.seed
+            )
+            analysis = dataclasses.replace(
+                analysis,
+                groups=[*analysis.groups, *head_groups],
+                excluded=[*analysis.excluded, *head_excluded],
+            )
         return dataclasses.replace(
-            self, spec=spec, info=info, params=params, method=method, notes=list(self.notes)
+            self,
+            spec=spec,
+            info=info,
+            params=params,
+            method=method,
+            analysis=analysis,
+            notes=list(self.notes),
         )
 
     def context(
