@@ -5,6 +5,8 @@ Params and registration (torch-free); the method is in `impl.py`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from methods.registry import MethodInfo, MethodParams, needs_prunable_layers, register
@@ -23,6 +25,12 @@ class ChannelRegressionParams(MethodParams):
         le=10.0,
         description="initial LASSO penalty, doubled until at most the target channel count survives, "
         "then binary-searched to land on it",
+    )
+    allocation: Literal["uniform", "global"] = Field(
+        default="uniform",
+        description="how many channels each layer loses: 'uniform' (the same fraction everywhere, "
+        "as the paper) or 'global' (one ranking of the LASSO scores, each normalised by its "
+        "layer's mean)",
     )
     calibration_images: int = Field(
         default=256,

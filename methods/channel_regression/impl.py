@@ -214,7 +214,7 @@ class ChannelRegression:
             notes.append(
                 f"channel_regression: no Conv/Linear consumer for {fallback}; those groups were ranked by filter L1 norm"
             )
-        budget_model, plan, details = ctx.prune_to_budget(scores, "uniform")
+        budget_model, plan, details = ctx.prune_to_budget(scores, p.allocation)
         counts = {k: len(v) for k, v in plan.items() if v}
 
         # 2. Layer by layer: LASSO selection for exactly k, then least-squares reconstruction.

@@ -175,6 +175,20 @@ def test_reconstruction_methods_meet_the_budget_on_vgg(method, zoo_model):
             assert rec["exact"], (name, rec)
 
 
+def test_channel_regression_global_allocation_moves_the_cut_between_layers(zoo_model):
+    """`allocation: global` ranks every layer's LASSO scores together (each normalised by its
+    layer's mean): the same budget, met within 1%, with per-layer counts that differ from the
+    uniform allocation's."""
+    counts = {}
+    for allocation in ("uniform", "global"):
+        ctx = make_ctx(zoo_model("vgg"), "channel_regression", {"flops": 0.5})
+        params = ChannelRegressionParams(allocation=allocation)
+        result = ChannelRegression(params).run(ctx)
+        assert abs(ctx.costs(result.model).macs / ctx.base_costs.macs - 0.5) <= 0.01
+        counts[allocation] = result.details["removed_channels"]
+    assert counts["uniform"] != counts["global"]
+
+
 # ------------------------------------------------------------------ Network Slimming
 
 
