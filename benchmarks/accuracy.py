@@ -25,7 +25,8 @@ Configurations (`--configs`, default all):
              L1, mean-normalised), the same epochs on the labels.
 * Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs]`, e.g.
   l1:mean:sum or l1:none:sum:inputs, and modifiers `+nokd`, `+a0.5`, `+T2`, `+steps3`,
-  `+key=value` (a method parameter) on any configuration.
+  `+key=value` (a method parameter; `a|b|c` for a list, e.g.
+  `auto+candidates=l1_norm|channel_regression:allocation=global`) on any configuration.
 
 Prints one Markdown table (accuracy drop in points, MACs kept on the exported ONNX, wall
 seconds), a summary per configuration and target (mean and worst drop over the models), and
@@ -121,7 +122,10 @@ def config(label: str, epochs: int) -> Config:
     for mod in mods:
         if "=" in mod:  # a method parameter, e.g. +allocation=global
             key, value = mod.split("=", 1)
-            cfg.params[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+            if "|" in value:  # a list, e.g. +candidates=l1_norm|channel_regression
+                cfg.params[key] = value.split("|")
+            else:
+                cfg.params[key] = float(value) if value.replace(".", "", 1).isdigit() else value
         elif mod == "nokd":
             cfg.distill["enabled"] = False
         elif mod == "kd":

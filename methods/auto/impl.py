@@ -28,7 +28,7 @@ from torch import nn
 from engine import progressive, recovery, train
 from engine.method import MethodResult, PruneContext
 from methods import registry
-from methods.auto import AutoParams
+from methods.auto import AutoParams, parse_candidate
 
 
 def validation_split(data: train.TensorData, fraction: float, seed: int) -> train.TensorData:
@@ -75,9 +75,10 @@ def _sub_progress(
     return report
 
 
-def _instantiate(name: str):
+def _instantiate(candidate: str):
+    name, given = parse_candidate(candidate)
     info = registry.get_method(name)
-    params = registry.validate_params(name, {})
+    params = registry.validate_params(name, given)
     module_name, cls_name = info.implementation.split(":")
     return info, getattr(importlib.import_module(module_name), cls_name)(params)
 
@@ -99,10 +100,10 @@ class Auto:
         """Prune with candidate `name` on the screening context, fine-tune it briefly and
         record its validation accuracy and kept fraction in `row`. The result holds the
         pruned model before the screening fine-tune."""
-        if ctx.spec.task not in registry.get_method(name).tasks:
-            raise ValueError(f"does not support task {ctx.spec.task!r}")
         info, impl = _instantiate(name)
-        result = progressive.run(impl, sctx, name)
+        if ctx.spec.task not in info.tasks:
+            raise ValueError(f"does not support task {ctx.spec.task!r}")
+        result = progressive.run(impl, sctx, info.name)
         if result.dynamic or result.recovery == "scratch":
             raise ValueError(
                 "not a static fine-tunable result; auto only compares fine-tuned static prunings"

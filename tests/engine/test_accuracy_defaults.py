@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 import zoo
@@ -174,6 +175,30 @@ def test_auto_ranks_candidates_on_a_validation_split_and_never_reads_the_test_sp
     assert result.details["auto"]["winner"] == best["method"]
     assert abs(torch_costs(result.model, ctx.example).macs / ctx.base_costs.macs - 0.5) <= 0.01
     assert any("auto chose" in n for n in result.notes)
+
+
+def test_auto_candidates_may_carry_parameters():
+    """'method:key=value[,key=value]' screens a configured method: validated by the method's
+    own params model when the spec is read, run with them, named so on the leaderboard."""
+    assert auto_mod.parse_candidate("channel_regression:allocation=global, samples=200") == (
+        "channel_regression",
+        {"allocation": "global", "samples": "200"},
+    )
+    for bad, says in (
+        ("channel_regression:allocation=sideways", "allocation: Input should be 'uniform'"),
+        ("channel_regression:allocation", "write its parameters as method:key=value"),
+        ("nope:x=1", "unknown candidate 'nope'"),
+    ):
+        with pytest.raises(ValidationError, match=says):
+            AutoParams(candidates=[bad])
+    spec = JobSpec(target={"flops": 0.5}, recovery={"epochs": 1})
+    ctx = _small_ctx(spec, _digits(guarded=True))
+    cands = ["l1_norm", "l1_norm:allocation=global"]
+    result = auto_mod.Auto(AutoParams(candidates=cands, screen_epochs=0.25)).run(ctx)
+    board = result.details["auto"]["leaderboard"]
+    assert [r["method"] for r in board] == cands and all("val_accuracy" in r for r in board)
+    assert board[0]["kept"] == pytest.approx(0.5, abs=0.01)
+    assert board[1]["kept"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_validation_split_is_carved_from_training_data_only():
