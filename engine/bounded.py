@@ -107,7 +107,9 @@ class BoundedDependencyGraph(tp.DependencyGraph):
     # grouped.py). Torch-Pruning accepts instances in `customized_pruners` but then fails
     # in its tracer (isinstance with an instance) and looks pruners up by type only, so
     # they are kept here and consulted first.
-    instance_pruners: dict[nn.Module, tp.pruner.function.BasePruningFunc] = {}
+    def __init__(self) -> None:
+        super().__init__()
+        self.instance_pruners: dict[nn.Module, tp.pruner.function.BasePruningFunc] = {}
 
     def get_pruner_of_module(self, module: nn.Module):
         own = self.instance_pruners.get(module) if isinstance(module, nn.Module) else None

@@ -62,6 +62,10 @@ class MethodResult:
     # Recovery epochs left for the pipeline when the method already spent part of the budget
     # (progressive pruning fine-tunes between steps); None: recovery.epochs.
     recovery_epochs: float | None = None
+    # How the engine re-runs this allocation with the other width set (the never-slower
+    # comparison, engine/stages.py); None: the method runs again. auto re-runs its winner
+    # alone instead of screening every candidate a second time.
+    rerun: Callable[[], MethodResult] | None = None
 
 
 class MethodInfo(Protocol):

@@ -81,10 +81,11 @@ def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | Non
     method_seconds = time.perf_counter() - t0
     speed_checks: dict[str, Any] = {}
     if ctx.latency is not None and not result.dynamic and spec.target.kind != "layers":
+        rerun = result.rerun or (lambda: prep.method.run(ctx))
         result, speed_checks = latency_mod.ensure_faster(
             ctx.latency,
             ctx.latency_timer,
-            lambda: prep.method.run(ctx),
+            rerun,
             result,
             lambda r: r.model.cpu().eval(),
             LATENCY_BATCHES,

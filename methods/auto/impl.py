@@ -199,4 +199,27 @@ class Auto:
             )
             + f". Screening took {total:.1f} s in all, {win['seconds']:.1f} s for the winner alone."
         )
+        result.rerun = self._rerun_winner(
+            dataclasses.replace(ctx, data=screen, calibration=calibration), win["method"], result
+        )
         return result
+
+    @staticmethod
+    def _rerun_winner(
+        sctx: PruneContext, candidate: str, first: MethodResult
+    ) -> Callable[[], MethodResult]:
+        """The never-slower comparison re-runs the allocation with other widths: the winner
+        alone, on the same screening data, keeping auto's leaderboard and note."""
+        auto_details, auto_note = first.details["auto"], first.notes[-1]
+
+        def rerun() -> MethodResult:
+            info, impl = _instantiate(candidate)
+            again = progressive.run(impl, sctx, info.name)
+            again.details = {
+                "auto": {**auto_details, "rerun": "the winner alone (other widths)"},
+                **{f"winner_{k}": v for k, v in again.details.items()},
+            }
+            again.notes.append(auto_note)
+            return again
+
+        return rerun
