@@ -9,12 +9,15 @@ engine's own stages — load and analyse once per model, then the method through
 `progressive.run` (as the pipeline calls it), the recovery with the spec's distillation (as
 the pipeline does it), the ONNX export with its parity check — and measures test accuracy
 on the exported ONNX with onnxruntime (the only time the test split is read). Recovery:
-`--epochs` epochs, Adam lr 1e-3, cosine, batch 64, for every configuration.
+`--epochs` epochs, Adam, cosine, batch 64, for every configuration; the learning rate is the
+spec's default (chosen among recovery.lr_choices on a validation split carved from the
+training data) except for `old` and `tp`, which train at 1e-3 (the old default; `+fixedlr`
+does that for any configuration).
 
 Configurations (`--configs`, default all):
 
 * old      — l1_norm with the raw group sum of the group's own filters (normalizer none,
-             inputs false), no distillation: the engine's default before issue 14.
+             inputs false), no distillation, lr 1e-3: the engine's default before issue 14.
 * l1       — l1_norm with its new defaults (layer-normalised), with distillation.
 * auto     — the new default job: method auto (candidates screened on a validation split
              carved from the training data), with distillation.
@@ -25,6 +28,8 @@ Configurations (`--configs`, default all):
              L1, mean-normalised), the same epochs on the labels.
 * Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs]`, e.g.
   l1:mean:sum or l1:none:sum:inputs, and modifiers `+nokd`, `+a0.5`, `+T2`, `+steps3`,
+  recovery overrides `+lr3e-3` (a fixed lr), `+fixedlr` (1e-3), `+lrscreen3`
+  (lr_screen_epochs), `+bs32`, `+optsgd`,
   `+key=value` (a method parameter; `a|b|c` for a list, e.g.
   `auto+candidates=l1_norm|channel_regression:allocation=global`) on any configuration.
 
@@ -47,6 +52,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import (
+    CHOSEN_LR,
     RECOVERY,
     SEED,
     Baseline,
@@ -89,11 +95,14 @@ class Config:
     params: dict
     distill: dict = field(default_factory=dict)  # the spec's recovery.distill
     steps: int = 1
+    recovery: dict = field(default_factory=dict)  # overrides of RECOVERY (lr, batch_size, ...)
+    fixed_lr: bool = False  # lr 1e-3 (the old default) instead of the spec's chosen lr
 
 
 def config(label: str, epochs: int) -> Config:
     """A configuration label: a base (see the module docstring) and optional modifiers
-    `+nokd`, `+kd`, `+a0.5` (distillation alpha), `+T2` (temperature), `+steps3`, and method
+    `+nokd`, `+kd`, `+a0.5` (distillation alpha), `+T2` (temperature), `+steps3`, recovery
+    overrides `+lr3e-3`, `+bs32`, `+optsgd`, and method
     parameters `+key=value` (e.g. `taylor+allocation=global`)."""
     base, *mods = label.split("+")
     if base == "old":
@@ -102,6 +111,7 @@ def config(label: str, epochs: int) -> Config:
             "l1_norm",
             {"normalizer": "none", "group_reduction": "sum", "inputs": False},
             {"enabled": False},
+            fixed_lr=True,
         )
     elif base == "l1":
         cfg = Config(label, "l1_norm", {})
@@ -126,12 +136,22 @@ def config(label: str, epochs: int) -> Config:
                 cfg.params[key] = value.split("|")
             else:
                 cfg.params[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+        elif mod.startswith("lrscreen"):
+            cfg.recovery["lr_screen_epochs"] = float(mod[8:])
+        elif mod == "fixedlr":
+            cfg.fixed_lr = True
         elif mod == "nokd":
             cfg.distill["enabled"] = False
         elif mod == "kd":
             cfg.distill["enabled"] = True
         elif mod.startswith("steps"):
             cfg.steps = int(mod[5:])
+        elif mod.startswith("lr"):
+            cfg.recovery["lr"] = float(mod[2:])
+        elif mod.startswith("bs"):
+            cfg.recovery["batch_size"] = int(mod[2:])
+        elif mod.startswith("opt"):
+            cfg.recovery["optimizer"] = mod[3:]
         elif mod.startswith("a"):
             cfg.distill["alpha"] = float(mod[1:])
         elif mod.startswith("T"):
@@ -158,7 +178,13 @@ def spec_for(cfg: Config, target: float, epochs: int) -> JobSpec:
     return JobSpec(
         method={"name": cfg.method, "params": cfg.params},
         target={"flops": target},
-        recovery={"mode": "finetune", "epochs": epochs, **RECOVERY, "distill": cfg.distill},
+        recovery={
+            "mode": "finetune",
+            "epochs": epochs,
+            **(RECOVERY if cfg.fixed_lr else CHOSEN_LR),
+            **cfg.recovery,
+            "distill": cfg.distill,
+        },
         schedule={"steps": cfg.steps},
         seed=SEED,
     )
@@ -175,6 +201,15 @@ def bench_engine(name: str, base: Baseline, cfg: Config, target: float, epochs: 
         pruned = run_method(base, spec)
         recovered = recover_copy(base, pruned, spec)
         measure(row, base, recovered.model)
+        if recovered.lr_choice:
+            row.note = (
+                f"lr {recovered.lr:g} ("
+                + ", ".join(
+                    f"{r['lr']:g}: {r.get('val_accuracy', 'diverged')}"
+                    for r in recovered.lr_choice["table"]
+                )
+                + ")"
+            )
         auto = pruned.result.details.get("auto")
         if auto:
             row.note = (row.note + " " if row.note else "") + f"won: {auto['winner']}"

@@ -421,10 +421,16 @@ def estimate_time(
     )
     epochs = rec.epochs if rec.mode != "none" else 0
     teacher = costs.eval_batch_seconds if rec.mode == "finetune" and rec.distill.enabled else 0.0
+    # recovery.lr null: each of lr_choices first trains lr_screen_epochs (null: all of the
+    # epochs) on 85% of the data, then the winner fine-tunes on all of it.
+    choosing = rec.mode == "finetune" and epochs > 0 and rec.choosing_lr()
+    n_choices = len(set(rec.lr_choices)) if choosing else 0
+    screen = epochs if rec.lr_screen_epochs is None else min(rec.lr_screen_epochs, epochs)
+    trained = epochs + n_choices * screen * 0.85
     parts = {
         "analysis": analysis_seconds,
         "method": m_train * costs.train_step_seconds + m_eval * costs.eval_batch_seconds,
-        "recovery": epochs * steps * factor * (costs.train_step_seconds + teacher),
+        "recovery": trained * steps * factor * (costs.train_step_seconds + teacher),
     }
     ort = costs.ort_batch_seconds
     big = str(min(bs, 256))
@@ -443,6 +449,11 @@ def estimate_time(
         "model.pt2, the queue wait",
         *assumptions,
     ]
+    if choosing:
+        assumptions.append(
+            f"recovery.lr null: {n_choices} learning rates each train {screen:g} epoch(s) on 85% "
+            "of the training split, then the winner fine-tunes on all of it"
+        )
     if rec.mode == "scratch" and rec.epochs_mode == "B":
         assumptions.append("epochs_mode B scales the epochs by MACs_full/MACs_pruned: counted as E")
     known = train_samples is not None and test_samples is not None

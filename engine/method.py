@@ -155,7 +155,7 @@ class PruneContext:
         kwargs.setdefault("seed", self.seed)
         kwargs.setdefault("device", self.device)
         return train.train(
-            model, self.data, epochs=epochs, lr=lr if lr is not None else rec.lr, **kwargs
+            model, self.data, epochs=epochs, lr=lr if lr is not None else rec.base_lr, **kwargs
         )
 
     def prune_to_budget(

@@ -1,12 +1,14 @@
 """Recovery helpers shared by the pipeline, progressive pruning and `auto`: which
-distillation applies, and training for a (possibly fractional) number of epochs."""
+distillation applies, training for a (possibly fractional) number of epochs, the validation
+split carved from the training data, and the learning rate chosen on it."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -72,3 +74,102 @@ def train_epochs(
     idx = torch.cat(parts)
     data = dataclasses.replace(ctx.data, x_train=x[idx], y_train=y[idx])
     return dataclasses.replace(ctx, data=data).train(model, 1, **kwargs)
+
+
+def validation_split(data: train.TensorData, fraction: float, seed: int) -> train.TensorData:
+    """(train minus validation, validation) as one TensorData whose *test* fields hold the
+    validation part, so everything downstream that evaluates reads validation data. The
+    job's test split is not touched."""
+    n = len(data.x_train)
+    if n < 4:
+        raise ValueError(f"a validation split needs at least 4 training samples; there are {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))
+    n_val = min(n - 2, max(2, round(fraction * n)))
+    val, rest = order[:n_val], order[n_val:]
+    return train.TensorData(
+        data.x_train[rest], data.y_train[rest], data.x_train[val], data.y_train[val]
+    )
+
+
+@torch.no_grad()
+def validation_accuracy(
+    model: nn.Module, data: train.TensorData, device: torch.device, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy on the validation part (for language models: next-token accuracy)."""
+    model.to(device).eval()
+    correct, total = 0, 0
+    for xb, yb in data.batches(batch_size, torch.Generator(), split="test"):
+        logits = model(xb.to(device))
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        pred = logits.argmax(-1).cpu()
+        correct += int((pred == yb).sum())
+        total += yb.numel()
+    return correct / max(total, 1)
+
+
+# Share of the training split held out when the recovery's learning rate is chosen.
+LR_VALIDATION_FRACTION = 0.15
+
+
+def choose_lr(
+    ctx: Any,
+    model: nn.Module,
+    choices: Sequence[float],
+    epochs: float,
+    extra_loss: ExtraLoss | None = None,
+    progress: Callable[[float, str], None] | None = None,
+    **train_kwargs: Any,
+) -> tuple[float, dict[str, Any]]:
+    """Each learning rate of `choices` fine-tunes its own copy of `model` for `epochs` on
+    the training split minus a validation part (`LR_VALIDATION_FRACTION`, drawn with the
+    job's seed) and is scored by validation accuracy; the best wins, ties to the earlier.
+    A choice whose training diverges is a row of the table, not a failed job. `model` is
+    not modified. Returns (learning rate, details for the report)."""
+    split = validation_split(ctx.data, LR_VALIDATION_FRACTION, ctx.seed)
+    sctx = dataclasses.replace(ctx, data=split)
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    best: tuple[float, float] | None = None
+    for i, lr in enumerate(choices):
+        trial = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"lr": lr}
+
+        def step(s: int, total: int, loss: float, i: int = i, lr: float = lr) -> None:
+            if progress:
+                progress((i + s / total) / len(choices), f"learning rate {lr:g}: loss {loss:.4f}")
+
+        try:
+            train_epochs(
+                sctx, trial, epochs, lr=lr, extra_loss=extra_loss, on_step=step, **train_kwargs
+            )
+            acc = validation_accuracy(trial, split, ctx.device)
+            row["val_accuracy"] = round(acc, 5)
+            if best is None or acc > best[0]:
+                best = (acc, lr)
+        except FloatingPointError as exc:  # diverged: this learning rate is too high
+            row["error"] = str(exc).splitlines()[0][:200]
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        del trial
+    if best is None:
+        raise FloatingPointError(
+            f"recovery diverged at every learning rate of recovery.lr_choices {list(choices)}; "
+            "give lower ones, or set recovery.lr"
+        )
+    acc, lr = best
+    return (
+        lr,
+        {
+            "chosen": lr,
+            "table": rows,
+            "validation_samples": len(split.x_test),
+            "validation_accuracy": round(acc, 5),
+            "screen_epochs": epochs,
+            "metric": "next-token accuracy"
+            if ctx.spec.task == "language_modeling"
+            else "top-1 accuracy",
+            "seconds": round(time.perf_counter() - t_start, 2),
+        },
+    )

@@ -255,6 +255,8 @@ def build_report(
             "mode_used": recovered.mode,
             "epochs_used": recovered.epochs if recovered.mode != "none" else 0,
             "distill_used": recovered.distill,
+            "lr_used": recovered.lr,
+            "lr_choice": recovered.lr_choice,
         },
         target=target,
         macs=BeforeAfter(before=verified.cost_before.macs, after=verified.cost_after.macs),

@@ -43,6 +43,8 @@ class Recovered:
     curve: list[float]  # the recovery loss per epoch
     distill: dict[str, Any] | None
     measured: dict[str, Any]  # the method's post-recovery measurements
+    lr: float | None = None  # the learning rate trained with (None: no training)
+    lr_choice: dict[str, Any] | None = None  # recovery.choose_lr's table, when it chose
 
 
 # Re-run a method's allocation with the other width set only when its first run took at most
@@ -133,19 +135,63 @@ def recover(prep: Prepared, pruned: Pruned, progress: StageProgress) -> Recovere
         prep.notes.append(
             f"recovery distilled from the original model's logits (alpha {kd['alpha']}, T {kd['temperature']}, from {kd['source']})"
         )
+    lr: float | None = None
+    choice: dict[str, Any] | None = None
     if mode != "none" and epochs > 0:
+        lr = rec.base_lr
+        if mode == "finetune" and rec.choosing_lr():
+            screen = epochs if rec.lr_screen_epochs is None else min(rec.lr_screen_epochs, epochs)
+            lr, choice = _choose_lr(
+                prep, pruned, model, screen, extra, lambda f, m: progress(0.6 * f, m)
+            )
         message = _epoch_message(epochs)
+        start = 0.0 if choice is None else 0.6
         curve = recovery.train_epochs(
             pruned.ctx,
             model,
             epochs,
-            lr=rec.lr,
+            lr=lr,
             extra_loss=extra,
-            on_step=lambda s, total, loss: progress(s / total, message(s, total, loss)),
+            on_step=lambda s, total, loss: progress(
+                start + (1 - start) * s / total, message(s, total, loss)
+            ),
         )
     model = model.cpu().eval()
     measured: dict[str, Any] = {}
     if result.post_recovery is not None:
         measured = dict(result.post_recovery(prep.module, model, prep.data))
         model = model.cpu().eval()
-    return Recovered(model, mode, epochs, curve, kd, measured)
+    return Recovered(model, mode, epochs, curve, kd, measured, lr, choice)
+
+
+def _choose_lr(
+    prep: Prepared,
+    pruned: Pruned,
+    model: torch.nn.Module,
+    epochs: float,
+    extra: recovery.ExtraLoss | None,
+    progress: StageProgress,
+) -> tuple[float, dict[str, Any] | None]:
+    """recovery.lr is null: the fine-tune's learning rate is chosen on a validation part of
+    the training split (`recovery.choose_lr`); a training split too small to hold one out
+    keeps the first choice, with a note."""
+    rec = prep.spec.recovery
+    choices = list(dict.fromkeys(rec.lr_choices))
+    try:
+        lr, choice = recovery.choose_lr(
+            pruned.ctx, model, choices, epochs, extra, progress=progress
+        )
+    except ValueError as exc:  # too few training samples for a validation part
+        prep.notes.append(f"recovery learning rate not chosen ({exc}); trained at {choices[0]:g}")
+        return choices[0], None
+    table = ", ".join(
+        f"{r['lr']:g} {r['val_accuracy']:.4f}" if "val_accuracy" in r else f"{r['lr']:g} diverged"
+        for r in choice["table"]
+    )
+    prep.notes.append(
+        f"recovery learning rate {lr:g}, chosen by {choice['metric']} on {choice['validation_samples']} "
+        f"held-out training samples after {choice['screen_epochs']:g} epoch(s) each ({table}; "
+        f"{choice['seconds']:.1f} s), then fine-tuned on the whole training split; set "
+        "recovery.lr to skip the choice"
+    )
+    return lr, choice

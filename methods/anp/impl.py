@@ -230,7 +230,7 @@ class ANP:
         mask_params = list(masks.parameters())
         mask_ids = {id(q) for q in mask_params}
         weights = [q for q in model.parameters() if id(q) not in mask_ids and q.requires_grad]
-        opt_w = make_optimizer(weights, rec.optimizer, rec.lr, rec.momentum, rec.weight_decay)
+        opt_w = make_optimizer(weights, rec.optimizer, rec.base_lr, rec.momentum, rec.weight_decay)
         opt_m = torch.optim.Adam(mask_params, lr=p.mask_lr)
         n_train = len(ctx.data.x_train)
         gen = torch.Generator().manual_seed(ctx.seed)

@@ -23,45 +23,15 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
-from engine import progressive, recovery, train
+from engine import progressive, recovery
 from engine.method import MethodResult, PruneContext
 from methods import registry
 from methods.auto import AutoParams, parse_candidate
 
-
-def validation_split(data: train.TensorData, fraction: float, seed: int) -> train.TensorData:
-    """(train minus validation, validation) as one TensorData whose *test* fields hold the
-    validation part, so everything downstream that evaluates reads validation data."""
-    n = len(data.x_train)
-    if n < 4:
-        raise ValueError(
-            f"auto needs a training split of at least 4 samples to hold some out; it has {n}"
-        )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))
-    n_val = min(n - 2, max(2, round(fraction * n)))
-    val, rest = order[:n_val], order[n_val:]
-    return train.TensorData(
-        data.x_train[rest], data.y_train[rest], data.x_train[val], data.y_train[val]
-    )
-
-
-@torch.no_grad()
-def validation_accuracy(
-    model: nn.Module, data: train.TensorData, device: torch.device, batch_size: int = 256
-) -> float:
-    """Top-1 accuracy on the validation part (for language models: next-token accuracy)."""
-    model.to(device).eval()
-    correct, total = 0, 0
-    for xb, yb in data.batches(batch_size, torch.Generator(), split="test"):
-        logits = model(xb.to(device))
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        pred = logits.argmax(-1).cpu()
-        correct += int((pred == yb).sum())
-        total += yb.numel()
-    return correct / max(total, 1)
+# Carved from the training split only; shared with the recovery's learning-rate choice.
+validation_split = recovery.validation_split
+validation_accuracy = recovery.validation_accuracy
 
 
 def _sub_progress(

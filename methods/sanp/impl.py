@@ -175,7 +175,7 @@ class SANP:
             budget,
             epochs=p.epochs,
             cost_weight=p.cost_weight,
-            lr=rec.lr,
+            lr=rec.base_lr,
             spm_lr=p.spm_lr,
             batch_size=rec.batch_size,
             optimizer=rec.optimizer,

@@ -238,7 +238,31 @@ class Recovery(_Strict):
         description="Scratch only: 'E' trains `epochs`; 'B' scales them by MACs_full/MACs_pruned "
         "(Scratch-B of 'Rethinking the Value of Network Pruning').",
     )
-    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    lr: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="learning rate of the recovery fine-tune. null (default): chosen among "
+        "`lr_choices` by validation accuracy on a part of the training split (never the test "
+        "split); training inside a method and from scratch use the first choice",
+    )
+    lr_choices: list[Annotated[float, Field(gt=0.0, le=10.0)]] = Field(
+        default_factory=lambda: [1e-3, 3e-3],
+        min_length=1,
+        max_length=6,
+        description="learning rates tried when `lr` is null: each fine-tunes a copy of the pruned "
+        "model for `lr_screen_epochs` on the training split minus a validation part, and the "
+        "best validation accuracy wins (ties go to the earlier one); one entry skips the choice",
+    )
+    lr_screen_epochs: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=100.0,
+        description="epochs (may be a fraction) each of `lr_choices` trains on the training split "
+        "minus the validation part before it is scored; null (default): `epochs`, the whole "
+        "fine-tune (a learning rate ranked after a shorter run is biased towards small ones). "
+        "The winner then fine-tunes the pruned network on the whole training split",
+    )
     batch_size: int = Field(default=64, ge=1, le=65536)
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -248,6 +272,16 @@ class Recovery(_Strict):
         default_factory=Distillation,
         description='distillation from the original model (on by default; {"enabled": false} to train on labels only)',
     )
+
+    @property
+    def base_lr(self) -> float:
+        """The learning rate of training that is not the chosen fine-tune: `lr` when given,
+        else the first of `lr_choices`."""
+        return self.lr if self.lr is not None else self.lr_choices[0]
+
+    def choosing_lr(self) -> bool:
+        """Whether the fine-tune's learning rate is chosen by validation."""
+        return self.lr is None and len(set(self.lr_choices)) > 1
 
 
 class ExportSpec(_Strict):

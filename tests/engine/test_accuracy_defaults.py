@@ -4,6 +4,8 @@ distillation by default."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -336,3 +338,72 @@ def test_progressive_refuses_what_it_cannot_step(spec, fragment):
     ctx = _small_ctx(JobSpec.model_validate(spec), _digits(guarded=False), trained=False)
     with pytest.raises(BadSpec, match=fragment):
         progressive.run(object(), ctx, spec["method"]["name"])
+
+
+def test_recovery_learning_rate_is_chosen_on_validation_and_never_reads_the_test_split():
+    """recovery.lr null (the default): each of lr_choices fine-tunes its own copy on the
+    training split minus a validation part; a learning rate too small to move the weights
+    (1e-9) cannot beat one that recovers the pruned network, a diverging one is a row of the
+    table, not a failed job, and the test split is never read."""
+    assert JobSpec(target={"flops": 0.5}).recovery.choosing_lr()  # the default
+    assert not JobSpec(target={"flops": 0.5}, recovery={"lr": 1e-3}).recovery.choosing_lr()
+    assert not JobSpec(
+        target={"flops": 0.5}, recovery={"lr_choices": [2e-3]}
+    ).recovery.choosing_lr()
+    spec = JobSpec(target={"flops": 0.25}, recovery={"epochs": 1})
+    ctx = _small_ctx(spec, _digits(guarded=True))
+    pruned = copy.deepcopy(ctx.model)  # a damaged network: its classifier re-initialised
+    torch.manual_seed(1)
+    pruned[6].reset_parameters()
+    before = copy.deepcopy(pruned.state_dict())
+    lr, d = recovery.choose_lr(ctx, pruned, [1e-9, 3e-3, 10.0], 1.0)
+    rows = {r["lr"]: r for r in d["table"]}
+    assert lr == 3e-3 and d["chosen"] == 3e-3
+    assert rows[3e-3]["val_accuracy"] > rows[1e-9]["val_accuracy"] + 0.05
+    assert "val_accuracy" in rows[10.0] or "diverged" in rows[10.0]["error"]
+    assert d["validation_samples"] == round(0.15 * len(_digits(guarded=False).x_train))
+    # each choice trained its own copy: the model handed in is untouched
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+    # ties go to the earlier choice (identical learning rates score the same)
+    assert recovery.choose_lr(ctx, pruned, [3e-3, 3e-3], 0.25)[0] == 3e-3
+    assert recovery.choose_lr(ctx, pruned, [2e-3, 3e-3], 0.0)[0] == 2e-3  # no training: a tie
+
+
+def test_a_job_reports_the_chosen_learning_rate_and_an_explicit_one_skips_the_choice(
+    zoo_model, digits_npz, tmp_path
+):
+    from engine import run
+
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.5},
+        recovery={"epochs": 1, "lr_choices": [1e-9, 3e-3], "lr_screen_epochs": 0.5},
+        gates={"min_speedup": None},
+    )
+    report = run(
+        spec, zoo_model("vgg"), digits_npz, tmp_path / "a", latency_runs=5, catalog=registry
+    )
+    choice = report.recovery["lr_choice"]
+    assert report.recovery["lr"] is None and report.recovery["lr_used"] == 3e-3
+    assert [r["lr"] for r in choice["table"]] == [1e-9, 3e-3] and choice["chosen"] == 3e-3
+    assert choice["screen_epochs"] == 0.5 and choice["validation_samples"] > 0
+    assert any(
+        "recovery learning rate 0.003, chosen by top-1 accuracy" in n
+        and "then fine-tuned on the whole training split" in n
+        for n in report.notes
+    )
+    # The default: each choice is scored after the whole fine-tune's epochs.
+    whole = spec.model_copy(
+        update={"recovery": spec.recovery.model_copy(update={"lr_screen_epochs": None})}
+    )
+    report = run(
+        whole, zoo_model("vgg"), digits_npz, tmp_path / "w", latency_runs=5, catalog=registry
+    )
+    assert report.recovery["lr_used"] == 3e-3 and report.recovery["lr_choice"]["screen_epochs"] == 1
+    assert any("after 1 epoch(s) each" in n for n in report.notes)
+    fixed = spec.model_copy(update={"recovery": spec.recovery.model_copy(update={"lr": 2e-3})})
+    report = run(
+        fixed, zoo_model("vgg"), digits_npz, tmp_path / "b", latency_runs=5, catalog=registry
+    )
+    assert report.recovery["lr_used"] == 2e-3 and report.recovery["lr_choice"] is None
+    assert not any("recovery learning rate" in n for n in report.notes)

@@ -15,12 +15,15 @@ from prunery.spec import JobSpec
 from server_cli import analyze as server_analyze
 
 
-def _spec(method: str = "l1_norm", epochs: int = 2, **params: object) -> JobSpec:
+def _spec(
+    method: str = "l1_norm", epochs: int = 2, lr: float | None = 1e-3, **params: object
+) -> JobSpec:
+    # A fixed lr: the recovery is then exactly epochs x steps (lr null adds its choice).
     return JobSpec.model_validate(
         {
             "target": {"flops": 0.5},
             "method": {"name": method, "params": params},
-            "recovery": {"epochs": epochs, "batch_size": 32},
+            "recovery": {"epochs": epochs, "batch_size": 32, "lr": lr},
         }
     )
 
@@ -76,6 +79,29 @@ def test_twice_the_epochs_twice_the_training(analysed, zoo_model, digits_npz):
         )
 
     assert steps(f) == pytest.approx(2 * steps(e), rel=1e-3)
+
+
+def test_choosing_the_learning_rate_is_counted(analysed):
+    """recovery.lr null (the default): each of the 2 default lr_choices first trains the
+    whole 2 epochs (lr_screen_epochs 1: one) on 85% of the training split, then the winner
+    fine-tunes the 2 epochs on all of it."""
+    e = analysed.time_estimate
+    assert e is not None
+    kw = {
+        "train_samples": e.train_samples,
+        "test_samples": e.test_samples,
+        "analysis_seconds": 0.0,
+        "catalog": registry,
+    }
+    per_epoch = e.parts["recovery"] / 2
+    whole = analysis.estimate_time(e.measured, _spec(lr=None), **kw)
+    assert whole.parts["recovery"] == pytest.approx((2 + 2 * 2 * 0.85) * per_epoch, rel=1e-3)
+    assert any("then the winner fine-tunes" in a for a in whole.assumptions)
+    spec = _spec(lr=None)
+    spec.recovery.lr_screen_epochs = 1.0
+    short = analysis.estimate_time(e.measured, spec, **kw)
+    assert short.parts["recovery"] == pytest.approx((2 + 2 * 1 * 0.85) * per_epoch, rel=1e-3)
+    assert not any("learning rates" in a for a in e.assumptions)
 
 
 def test_method_passes_are_counted(analysed):

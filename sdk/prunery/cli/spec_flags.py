@@ -67,7 +67,11 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 def _recovery_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="recovery epochs (default 3)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="recovery learning rate (default: chosen among recovery.lr_choices on a validation split)",
+    )
     p.add_argument("--batch-size", type=int, help="batch size (default 64)")
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default adam")
     p.add_argument(
