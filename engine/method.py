@@ -204,6 +204,8 @@ class PruneContext:
                 target.latency_batch,
                 self.latency_timer,
                 progress=lambda f: self.progress(f, None),
+                tolerance=target.tolerance,
+                quanta={g.name: g.quantum for g in groups},
             )
             return pruned, plan, {"allocation": allocation, **details}
         # Measured steps can straddle the tolerance: then one group (preferably one whose

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +99,11 @@ class NetworkTimer:
         return 1000.0 * float(statistics.median(times))
 
 
+# Halvings of the straddling chunk tried when neither neighbour of the search lands within
+# half the tolerance of the target.
+SPLIT_DEPTH = 3
+
+
 def search_latency(
     model: nn.Module,
     example: torch.Tensor,
@@ -107,52 +112,99 @@ def search_latency(
     batch: int,
     timer: NetworkTimer,
     progress: Callable[[float], None] | None = None,
+    tolerance: float | None = None,
+    quanta: Mapping[str, int] | None = None,
 ) -> tuple[nn.Module, dict[str, list[int]], dict[str, Any]]:
     """Binary search of the removal order's prefix whose *measured* latency (exported ONNX,
-    onnxruntime, interleaved with the original) keeps `target` of the original's."""
-    from engine.budget import BudgetUnreachable, plan_of
+    onnxruntime, interleaved with the original) keeps `target` of the original's.
+
+    The order's chunks are whole measured steps, so the two prefixes that bracket the
+    target can both be far from it (one chunk of a wide layer is a few % of the time): then
+    the straddling chunk is cut in part — its lowest-scored channels, a multiple of the
+    group's `quanta` (whole blocks of a grouped conv) — by halving, measured each time, as
+    `budget.search(split_last=True)` does for MACs. Only that one group gets an off-step
+    width. `tolerance` (default 5% of the target) is the band the result should land in."""
+    from engine.budget import BudgetUnreachable, Chunk, plan_of
     from engine.graph import prune_copy
 
-    cache: dict[int, tuple[list[float], nn.Module, bytes]] = {}
-    trace: list[tuple[int, float]] = []
+    tol = 0.05 * target if tolerance is None else tolerance
+    quanta = quanta or {}
+    # key (n, k): the first n chunks, plus the first k channels of chunk n
+    cache: dict[tuple[int, int], tuple[list[float], nn.Module, bytes]] = {}
+    trace: list[dict[str, Any]] = []
 
-    def evaluate(n: int) -> float:
-        if n not in cache:
-            pruned = prune_copy(model, example, plan_of(chunks[:n]))
+    def plan_for(key: tuple[int, int]) -> dict[str, list[int]]:
+        n, k = key
+        part = [Chunk(chunks[n].group, chunks[n].idxs[:k], chunks[n].key)] if k else []
+        return plan_of([*chunks[:n], *part])
+
+    def evaluate(key: tuple[int, int]) -> float:
+        if key not in cache:
+            pruned = prune_copy(model, example, plan_for(key))
             onnx_bytes = timer.export(pruned)
-            cache[n] = ([timer.ratio(onnx_bytes, batch)], pruned, onnx_bytes)
-            trace.append((n, round(cache[n][0][0], 4)))
+            cache[key] = ([timer.ratio(onnx_bytes, batch)], pruned, onnx_bytes)
+            row: dict[str, Any] = {"chunks": key[0], "kept": round(cache[key][0][0], 4)}
+            if key[1]:
+                row["part_of_next"] = key[1]
+            trace.append(row)
             if progress:
-                progress(min(1.0, len(cache) / (math.log2(len(chunks) + 2) + 3)))
-        return statistics.median(cache[n][0])
+                progress(min(1.0, len(cache) / (math.log2(len(chunks) + 2) + 3 + SPLIT_DEPTH)))
+        return statistics.median(cache[key][0])
 
     lo, hi = 0, len(chunks)
-    if evaluate(hi) > target:
+    if evaluate((hi, 0)) > target:
         raise BudgetUnreachable(
             f"the target keeps {target:.1%} of the measured latency at batch {batch}, but removing every "
-            f"channel that can be removed safely still keeps {evaluate(hi):.1%}; raise the target, or see "
+            f"channel that can be removed safely still keeps {evaluate((hi, 0)):.1%}; raise the target, or see "
             "the excluded layers for what cannot be pruned"
         )
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if evaluate(mid) <= target:
+        if evaluate((mid, 0)) <= target:
             hi = mid
         else:
             lo = mid
-    # Measurements are noisy: both neighbours are timed twice more, and the one whose median
-    # lands closest wins (verify then measures it once more, independently).
-    finalists = [n for n in (lo, hi) if n in cache and n > 0]
-    for n in finalists:
+    if (
+        hi - lo == 1
+        and min(abs(evaluate((n, 0)) - target) for n in (lo, hi)) > tol / 2
+        and len(chunks[lo].idxs) > 1
+    ):
+        # Neither whole-chunk neighbour is near the target: cut the straddling chunk in part.
+        q = max(1, quanta.get(chunks[lo].group, 1))
+        a, b = 0, len(chunks[lo].idxs)
+        for _ in range(SPLIT_DEPTH):
+            k = q * round((a + b) / 2 / q)
+            if not a < k < b:
+                break
+            r = evaluate((lo, k))
+            if abs(r - target) <= tol / 2:
+                break
+            if r > target:
+                a = k
+            else:
+                b = k
+    # Measurements are noisy: the two candidates nearest the target are timed twice more,
+    # and the one whose median lands closest wins (verify then measures it once more,
+    # independently). The empty prefix is never a candidate.
+    keys = [key for key in cache if key != (0, 0)]
+    finalists = sorted(keys, key=lambda key: abs(evaluate(key) - target))[:2]
+    for key in finalists:
         for _ in range(2):
-            cache[n][0].append(timer.ratio(cache[n][2], batch))
-    best = min(finalists, key=lambda n: abs(evaluate(n) - target))
+            cache[key][0].append(timer.ratio(cache[key][2], batch))
+    best = min(finalists, key=lambda key: abs(evaluate(key) - target))
     details = {
         "allocation_metric": f"measured onnxruntime latency at batch {batch} (median of per-pair ratios)",
         "evaluations": sum(len(v[0]) for v in cache.values()),
-        "latency_search": [{"chunks": n, "kept": r} for n, r in trace],
+        "latency_search": trace,
         "kept_latency_search": round(evaluate(best), 4),
     }
-    return cache[best][1], plan_of(chunks[:best]), details
+    if best[1]:
+        details["split_chunk"] = {
+            "group": chunks[best[0]].group,
+            "removed": best[1],
+            "of": len(chunks[best[0]].idxs),
+        }
+    return cache[best][1], plan_for(best), details
 
 
 # ------------------------------------------------------------------ never slower

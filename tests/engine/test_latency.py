@@ -323,3 +323,63 @@ def test_latency_sweep_gives_one_model_per_point(cnn_job, tmp_path, monkeypatch)
         assert (out / point.artifacts["model.onnx"]).is_file()
     loose, tight = report.sweep
     assert tight.macs_ratio < loose.macs_ratio < 1.0
+
+
+class _WidthTimer:
+    """A stand-in for NetworkTimer whose 'measured' ratio is a known function of the pruned
+    network: the first conv's kept share of its 64 channels (no clock involved)."""
+
+    def __init__(self) -> None:
+        self.timed: list[int] = []
+
+    def export(self, module: nn.Module) -> bytes:
+        return str(module[0].out_channels).encode()
+
+    def ratio(self, onnx_bytes: bytes, batch: int) -> float:
+        self.timed.append(int(onnx_bytes))
+        return int(onnx_bytes) / 64
+
+
+@pytest.mark.parametrize(
+    ("quantum", "removed", "kept"),
+    [
+        # 24-channel chunks straddle 0.5 (0.625 / 0.25): removing 12, 6, then 9 of the
+        # straddling chunk measures 0.44, 0.53, 0.48: the nearest, 31/64 kept, wins
+        (1, 33, 31 / 64),
+        # whole blocks of 4: 12 -> 8 lands exactly
+        (4, 32, 0.5),
+    ],
+)
+def test_latency_search_cuts_the_straddling_chunk_in_part(quantum, removed, kept):
+    from engine.budget import Chunk
+    from engine.latency.network import search_latency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
+    example = torch.randn(1, 3, 8, 8)
+    order = list(range(63, -1, -1))  # the group's removal order, lowest score first
+    chunks = [Chunk("0", order[i : i + 24], float(i)) for i in (0, 24)]
+    timer = _WidthTimer()
+    pruned, plan, details = search_latency(
+        model, example, chunks, 0.5, 32, timer, tolerance=0.025, quanta={"0": quantum}
+    )
+    assert len(plan["0"]) == removed and pruned[0].out_channels == 64 - removed
+    assert plan["0"] == order[:removed]  # the straddling chunk's lowest-scored channels
+    assert details["kept_latency_search"] == pytest.approx(kept, abs=1e-4)  # rounded to 4 places
+    assert abs(kept - 0.5) <= 0.025
+    assert details["split_chunk"] == {"group": "0", "removed": removed - 24, "of": 24}
+    parts = [r["part_of_next"] for r in details["latency_search"] if "part_of_next" in r]
+    assert parts and all(p % quantum == 0 for p in parts)
+    # whole chunks within the band need no split
+    _, plan, details = search_latency(
+        model, example, chunks[:1], 0.63, 32, _WidthTimer(), tolerance=0.03, quanta={}
+    )
+    assert len(plan["0"]) == 24 and "split_chunk" not in details
