@@ -3,6 +3,7 @@ Torch-Pruning used directly, and `target.latency`.
 
     .venv/bin/python -m benchmarks.latency [--models a,b] [--target 0.5] [--runs 30] [--ort-threads 1]
                                            [--latency-target 0.5] [--skip-latency-target]
+                                           [--latency-target-only]
 
 Models: the test zoo (sklearn digits, 8x8, trained, from the zoo cache) and torchvision
 resnet18, mobilenet_v3_small, efficientnet_b0, regnet_x_400mf, squeezenet1_1 (random init,
@@ -290,6 +291,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency-target", type=float, default=0.5)
     p.add_argument("--skip-latency-target", action="store_true")
     p.add_argument(
+        "--latency-target-only",
+        action="store_true",
+        help="only the latency-target rows (not the default / round_to=1 / tp speedups)",
+    )
+    p.add_argument(
         "--latency-batch",
         type=int,
         default=1,
@@ -330,9 +336,12 @@ def main(argv: list[str] | None = None) -> None:
                 model, data = torchvision_job(name, root, args.size)
             else:
                 p.error(f"unknown model {name!r}")
-            rows.append(engine_row(name, "default", model, data, args))
-            rows.append(engine_row(name, "round_to=1", model, data, args, export={"round_to": 1}))
-            rows.append(tp_row(name, model, data, args))
+            if not args.latency_target_only:
+                rows.append(engine_row(name, "default", model, data, args))
+                rows.append(
+                    engine_row(name, "round_to=1", model, data, args, export={"round_to": 1})
+                )
+                rows.append(tp_row(name, model, data, args))
             if not args.skip_latency_target:
                 lb = args.zoo_latency_batch if name in ZOO else args.latency_batch
                 rows.append(

@@ -99,7 +99,9 @@ def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | Non
             floor_ms=spec.gates.min_speedup_floor_ms,
             # The other width set is always timed when the method's allocation is cheap to
             # re-run; a method that trains (slimming, ANP, TAS…) re-runs only when slower.
-            compare=method_seconds <= COMPARE_RERUN_S,
+            # A latency target's search already chose the widths by timing whole networks;
+            # comparing "faster" there would favour landing below the target.
+            compare=method_seconds <= COMPARE_RERUN_S and spec.target.kind != "latency",
         )
         speed_checks["method_seconds"] = round(method_seconds, 2)
     model = result.model.cpu().eval()

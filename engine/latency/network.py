@@ -100,8 +100,9 @@ class NetworkTimer:
 
 
 # Halvings of the straddling chunk tried when neither neighbour of the search lands within
-# half the tolerance of the target.
+# half the tolerance of the target, then other groups' next chunks tried in its place.
 SPLIT_DEPTH = 3
+SPLIT_VARIANTS = 4
 
 
 def search_latency(
@@ -123,29 +124,42 @@ def search_latency(
     the straddling chunk is cut in part — its lowest-scored channels, a multiple of the
     group's `quanta` (whole blocks of a grouped conv) — by halving, measured each time, as
     `budget.search(split_last=True)` does for MACs. Only that one group gets an off-step
-    width. `tolerance` (default 5% of the target) is the band the result should land in."""
+    width. When that still misses (one step can cross a kernel's layout threshold, and an
+    off-step width is slow), the prefix plus another group's next whole chunk is tried in
+    place of the straddling one, and last the search goes on down the order without that
+    chunk. `tolerance` (default 5% of the target) is the band the result should land in."""
     from engine.budget import BudgetUnreachable, Chunk, plan_of
     from engine.graph import prune_copy
 
     tol = 0.05 * target if tolerance is None else tolerance
     quanta = quanta or {}
-    # key (n, k): the first n chunks, plus the first k channels of chunk n
-    cache: dict[tuple[int, int], tuple[list[float], nn.Module, bytes]] = {}
+    # key (n, k) or (n, 0, j): the first n chunks, plus the first k channels of chunk n, or
+    # plus chunk j (another group's next chunk); (n, -1): chunks 0..n without chunk lo
+    Key = tuple[int, ...]
+    cache: dict[Key, tuple[list[float], nn.Module, bytes]] = {}
     trace: list[dict[str, Any]] = []
 
-    def plan_for(key: tuple[int, int]) -> dict[str, list[int]]:
-        n, k = key
+    def plan_for(key: Key) -> dict[str, list[int]]:
+        n, k = key[0], key[1]
+        if k < 0:
+            return plan_of([*chunks[:lo], *chunks[lo + 1 : n + 1]])
         part = [Chunk(chunks[n].group, chunks[n].idxs[:k], chunks[n].key)] if k else []
+        if len(key) > 2:
+            part = [chunks[key[2]]]
         return plan_of([*chunks[:n], *part])
 
-    def evaluate(key: tuple[int, int]) -> float:
+    def evaluate(key: Key) -> float:
         if key not in cache:
             pruned = prune_copy(model, example, plan_for(key))
             onnx_bytes = timer.export(pruned)
             cache[key] = ([timer.ratio(onnx_bytes, batch)], pruned, onnx_bytes)
             row: dict[str, Any] = {"chunks": key[0], "kept": round(cache[key][0][0], 4)}
-            if key[1]:
+            if key[1] > 0:
                 row["part_of_next"] = key[1]
+            if key[1] < 0:
+                row["without"] = lo
+            if len(key) > 2:
+                row["instead_next"] = chunks[key[2]].group
             trace.append(row)
             if progress:
                 progress(min(1.0, len(cache) / (math.log2(len(chunks) + 2) + 3 + SPLIT_DEPTH)))
@@ -183,6 +197,34 @@ def search_latency(
                 a = k
             else:
                 b = k
+    if hi - lo == 1 and min(abs(evaluate(key) - target) for key in cache) > tol / 2:
+        # Still far: one step can cross a kernel's layout threshold (se_resnet: 0.55 -> 0.42
+        # for one 8-channel chunk) and an off-step width is slow. Try the prefix plus the
+        # next whole chunk of another group instead (at most SPLIT_VARIANTS of them).
+        seen = {chunks[lo].group}
+        for j in range(lo + 1, len(chunks)):
+            if len(seen) > SPLIT_VARIANTS:
+                break
+            if chunks[j].group in seen:
+                continue
+            seen.add(chunks[j].group)
+            r = evaluate((lo, 0, j))
+            if abs(r - target) <= tol / 2:
+                break
+    if hi - lo == 1 and min(abs(evaluate(key) - target) for key in cache) > tol / 2:
+        # Still far: the straddling chunk is a cliff. Leave it out and go on down the order
+        # without it (key (n, -1): the first n chunks of the order minus chunk lo).
+        a, b = lo, len(chunks) - 1
+        if b > a and evaluate((b, -1)) <= target:
+            while b - a > 1:
+                mid = (a + b) // 2
+                r = evaluate((mid, -1))
+                if abs(r - target) <= tol / 2:
+                    break
+                if r <= target:
+                    b = mid
+                else:
+                    a = mid
     # Measurements are noisy: the two candidates nearest the target are timed twice more,
     # and the one whose median lands closest wins (verify then measures it once more,
     # independently). The empty prefix is never a candidate.
@@ -198,11 +240,19 @@ def search_latency(
         "latency_search": trace,
         "kept_latency_search": round(evaluate(best), 4),
     }
-    if best[1]:
+    if best[1] < 0:
+        details["split_chunk"] = {"skipped_chunk_of": chunks[lo].group, "chunk": lo}
+    elif best[1]:
         details["split_chunk"] = {
             "group": chunks[best[0]].group,
             "removed": best[1],
             "of": len(chunks[best[0]].idxs),
+        }
+    if len(best) > 2:
+        details["split_chunk"] = {
+            "group": chunks[best[2]].group,
+            "removed": len(chunks[best[2]].idxs),
+            "instead_of": chunks[best[0]].group,
         }
     return cache[best][1], plan_for(best), details
 

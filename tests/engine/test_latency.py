@@ -383,3 +383,79 @@ def test_latency_search_cuts_the_straddling_chunk_in_part(quantum, removed, kept
         model, example, chunks[:1], 0.63, 32, _WidthTimer(), tolerance=0.03, quanta={}
     )
     assert len(plan["0"]) == 24 and "split_chunk" not in details
+
+
+class _StepTimer:
+    """A clock-free stand-in: the time is 0.7 x conv0's kept share + 0.3 x conv2's, plus 0.3
+    whenever conv0's width is off its step of 8 (an off-step width is slow)."""
+
+    def export(self, module: nn.Module) -> bytes:
+        return f"{module[0].out_channels},{module[2].out_channels}".encode()
+
+    def ratio(self, onnx_bytes: bytes, batch: int) -> float:
+        c0, c2 = map(int, onnx_bytes.decode().split(","))
+        return 0.7 * c0 / 64 + 0.3 * c2 / 32 + (0.3 if c0 % 8 else 0.0)
+
+
+def test_latency_search_tries_another_groups_chunk_when_a_part_is_slow():
+    from engine.budget import Chunk
+    from engine.latency.network import search_latency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+    example = torch.randn(1, 3, 8, 8)
+    chunks = [
+        Chunk("0", list(range(24)), 0.1),
+        Chunk("0", list(range(24, 48)), 0.2),  # straddles 0.6: 0.74 before, 0.48 after
+        Chunk("2", list(range(16)), 0.3),
+    ]
+    pruned, plan, details = search_latency(
+        model, example, chunks, 0.6, 32, _StepTimer(), tolerance=0.03
+    )
+    rows = details["latency_search"]
+    assert any("part_of_next" in r for r in rows)  # parts of the straddling chunk: off-step
+    assert all(r["kept"] > 0.7 for r in rows if "part_of_next" in r)
+    # conv2's next chunk in its place lands at 0.7 x 40/64 + 0.3 x 16/32 = 0.5875
+    assert plan == {"0": list(range(24)), "2": list(range(16))}
+    assert (pruned[0].out_channels, pruned[2].out_channels) == (40, 16)
+    assert details["kept_latency_search"] == pytest.approx(0.5875, abs=1e-4)
+    assert details["split_chunk"] == {"group": "2", "removed": 16, "instead_of": "0"}
+
+
+def test_latency_search_leaves_a_cliff_chunk_out_and_goes_on_down_the_order():
+    """Parts of the straddling chunk are slow and one other chunk in its place is not
+    enough: the search goes on down the order without it."""
+    from engine.budget import Chunk
+    from engine.latency.network import search_latency
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+    example = torch.randn(1, 3, 8, 8)
+    chunks = [
+        Chunk("0", list(range(24)), 0.1),
+        Chunk("0", list(range(24, 48)), 0.2),  # the cliff: 0.74 before, 0.48 after
+        *(Chunk("2", list(range(i, i + 4)), 0.3 + i) for i in range(0, 28, 4)),
+    ]
+    _, plan, details = search_latency(model, example, chunks, 0.6, 32, _StepTimer(), tolerance=0.03)
+    rows = details["latency_search"]
+    assert any("instead_next" in r for r in rows) and any("without" in r for r in rows)
+    # without the cliff: 0.7 x 40/64 + 0.3 x 16/32 = 0.5875
+    assert plan == {"0": list(range(24)), "2": list(range(16))}
+    assert details["kept_latency_search"] == pytest.approx(0.5875, abs=1e-4)
+    assert details["split_chunk"] == {"skipped_chunk_of": "0", "chunk": 1}
