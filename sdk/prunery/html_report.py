@@ -287,10 +287,29 @@ def _excluded_and_recovery(report: Report) -> list[str]:
     curve = (report.method_details or {}).get("recovery_loss_per_epoch") or []
     rec = report.recovery
     parts.append("<h2>Recovery</h2>")
+    choice = rec.get("lr_choice") or {}
+    lr = rec.get("lr_used", rec.get("lr"))
     parts.append(
         f"<p>{escape(str(rec.get('mode_used')))} for {escape(str(rec.get('epochs_used')))} epochs "
-        f"(lr {escape(str(rec.get('lr')))}, batch {escape(str(rec.get('batch_size')))}).</p>"
+        f"(lr {escape(str(lr))}{' chosen on validation' if choice else ''}, "
+        f"batch {escape(str(rec.get('batch_size')))}).</p>"
     )
+    if choice.get("table"):
+        parts.append(
+            f"<p>Learning rates tried, each for {escape(str(choice.get('screen_epochs')))} epoch(s) on "
+            f"the training split minus {escape(str(choice.get('validation_samples')))} held-out "
+            f"samples ({escape(str(choice.get('metric')))}):</p>"
+        )
+        parts.append(
+            table(
+                ["learning rate", "validation", "seconds"],
+                [
+                    (r.get("lr"), r.get("val_accuracy", r.get("error", "")), r.get("seconds"))
+                    for r in choice["table"]
+                ],
+                numeric=(1, 2),
+            )
+        )
     if curve:
         parts.append(
             figure(

@@ -363,7 +363,13 @@ def render_markdown(report: Report) -> str:
         "",
         "## Run",
         "",
-        f"- recovery: {report.recovery.get('mode_used')} for {report.recovery.get('epochs_used')} epochs",
+        f"- recovery: {report.recovery.get('mode_used')} for {report.recovery.get('epochs_used')} epochs"
+        + (
+            f", lr {report.recovery['lr_used']:g}"
+            + (" (chosen on validation)" if report.recovery.get("lr_choice") else "")
+            if isinstance(report.recovery.get("lr_used"), (int, float))
+            else ""
+        ),
         f"- stage seconds: {', '.join(f'{k} {v:.1f}' for k, v in report.stage_seconds.items())}",
         f"- seed {report.seed}; model sha256 `{report.model_sha256[:16]}…`; spec hash `{report.spec_hash[:16]}…`",
         f"- device: {report.device}",

@@ -392,6 +392,9 @@ def test_a_job_reports_the_chosen_learning_rate_and_an_explicit_one_skips_the_ch
         and "then fine-tuned on the whole training split" in n
         for n in report.notes
     )
+    assert "lr 0.003 (chosen on validation)" in (tmp_path / "a" / "report.md").read_text()
+    html = (tmp_path / "a" / "report.html").read_text()
+    assert "lr 0.003 chosen on validation" in html and "Learning rates tried" in html
     # The default: each choice is scored after the whole fine-tune's epochs.
     whole = spec.model_copy(
         update={"recovery": spec.recovery.model_copy(update={"lr_screen_epochs": None})}
