@@ -52,7 +52,8 @@ def test_analysis_time_estimate_follows_the_requested_spec(client, model_and_dat
                 "dataset_id": model_and_data["dataset_id"],
                 "spec": {
                     "method": {"name": "l1_norm"},
-                    "recovery": {"epochs": epochs, "batch_size": 8},
+                    # a fixed lr: the recovery is then epochs x steps (lr null adds its choice)
+                    "recovery": {"epochs": epochs, "batch_size": 8, "lr": 1e-3},
                     "target": {"flops": 0.6},
                 },
             },
