@@ -121,18 +121,25 @@ def choose_lr(
     progress: Callable[[float, str], None] | None = None,
     **train_kwargs: Any,
 ) -> tuple[float, dict[str, Any]]:
-    """Each learning rate of `choices` fine-tunes its own copy of `model` for `epochs` on
-    the training split minus a validation part (`LR_VALIDATION_FRACTION`, drawn with the
-    job's seed) and is scored by validation accuracy; the best wins, ties to the earlier.
-    A choice whose training diverges is a row of the table, not a failed job. `model` is
-    not modified. Returns (learning rate, details for the report)."""
+    """Each learning rate of `choices` fine-tunes `model`, from the same starting weights,
+    for `epochs` on the training split minus a validation part (`LR_VALIDATION_FRACTION`,
+    drawn with the job's seed) and is scored by validation accuracy; the best wins, ties to
+    the earlier. A choice whose training diverges is a row of the table, not a failed job.
+    `model` ends with the weights (and mode) it came with. Returns (learning rate, details
+    for the report)."""
     split = validation_split(ctx.data, LR_VALIDATION_FRACTION, ctx.seed)
     sctx = dataclasses.replace(ctx, data=split)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     best: tuple[float, float] | None = None
+    # Each choice trains `model` itself from the same starting weights, restored after: a
+    # state_dict copy, not a deepcopy (dynamic models such as SANP's hold non-leaf tensors,
+    # which deepcopy refuses), and one network's memory instead of two.
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
     for i, lr in enumerate(choices):
-        trial = copy.deepcopy(model)
+        model.load_state_dict(start)
         t0 = time.perf_counter()
         row: dict[str, Any] = {"lr": lr}
 
@@ -142,9 +149,9 @@ def choose_lr(
 
         try:
             train_epochs(
-                sctx, trial, epochs, lr=lr, extra_loss=extra_loss, on_step=step, **train_kwargs
+                sctx, model, epochs, lr=lr, extra_loss=extra_loss, on_step=step, **train_kwargs
             )
-            acc = validation_accuracy(trial, split, ctx.device)
+            acc = validation_accuracy(model, split, ctx.device)
             row["val_accuracy"] = round(acc, 5)
             if best is None or acc > best[0]:
                 best = (acc, lr)
@@ -152,7 +159,10 @@ def choose_lr(
             row["error"] = str(exc).splitlines()[0][:200]
         row["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(row)
-        del trial
+    model.load_state_dict(start)
+    model.train(was_training)
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable[n])
     if best is None:
         raise FloatingPointError(
             f"recovery diverged at every learning rate of recovery.lr_choices {list(choices)}; "

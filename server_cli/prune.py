@@ -168,6 +168,9 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # Ctrl-C works even when the parent started us with SIGINT ignored (a non-interactive
+    # shell's background job): Python then keeps SIG_IGN instead of raising KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,13 +19,21 @@ from server_cli import prune as local
 
 pytestmark = pytest.mark.slow
 
-_RESULTS: dict[tuple[str, str, str], dict] = {}
+_RESULTS: dict[tuple[str, str, str, tuple[str, ...]], dict] = {}
 
 
-def _prune(zoo_model, digits_npz: Path, tmp: Path, name: str, opset: str, method: str) -> dict:
-    key = (name, opset, method)
+def _prune(
+    zoo_model,
+    digits_npz: Path,
+    tmp: Path,
+    name: str,
+    opset: str,
+    method: str,
+    extra: tuple[str, ...] = (),
+) -> dict:
+    key = (name, opset, method, extra)
     if key not in _RESULTS:
-        out = tmp / f"{name}-{opset}-{method}"
+        out = tmp / f"{name}-{opset}-{method}{'-'.join(('', *extra)).replace('.', '')}"
         code = local.main(
             [
                 str(zoo_model(name, opset)),
@@ -46,6 +54,7 @@ def _prune(zoo_model, digits_npz: Path, tmp: Path, name: str, opset: str, method
                 # (tests/engine/test_latency.py) and on 8x8 models it would judge widths, not them.
                 "--min-speedup",
                 "null",
+                *extra,
             ]
         )
         assert code == 0, f"prunery prune exited {code}"
@@ -97,14 +106,18 @@ def test_zoo_model_prunes_to_budget(zoo_model, digits_npz, tmp_path_factory, nam
 
 
 def test_l1_norm_beats_random_control(zoo_model, digits_npz, tmp_path_factory):
+    """The criterion, all else equal: the same widths (round_to 1, not the widths chosen by
+    timing, which vary with the machine's load) and the same learning rate (not one chosen
+    per job, which recovers random pruning far better: resnet_bottleneck 18 -> 4 points)."""
     tmp = tmp_path_factory.mktemp("control")
     drops = {"l1_norm": [], "random": []}
+    same = ("--round-to", "1", "--lr", "0.001")
     for name in zoo.ZOO:
         for method in drops:
             drops[method].append(
-                _prune(zoo_model, digits_npz, tmp, name, "op17", method)["report"]["accuracy"][
-                    "drop"
-                ]
+                _prune(zoo_model, digits_npz, tmp, name, "op17", method, same)["report"][
+                    "accuracy"
+                ]["drop"]
             )
     assert statistics.mean(drops["l1_norm"]) < statistics.mean(drops["random"]), drops
 
