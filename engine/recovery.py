@@ -119,7 +119,6 @@ def choose_lr(
     epochs: float,
     extra_loss: ExtraLoss | None = None,
     progress: Callable[[float, str], None] | None = None,
-    **train_kwargs: Any,
 ) -> tuple[float, dict[str, Any]]:
     """Each learning rate of `choices` fine-tunes `model`, from the same starting weights,
     for `epochs` on the training split minus a validation part (`LR_VALIDATION_FRACTION`,
@@ -148,9 +147,7 @@ def choose_lr(
                 progress((i + s / total) / len(choices), f"learning rate {lr:g}: loss {loss:.4f}")
 
         try:
-            train_epochs(
-                sctx, model, epochs, lr=lr, extra_loss=extra_loss, on_step=step, **train_kwargs
-            )
+            train_epochs(sctx, model, epochs, lr=lr, extra_loss=extra_loss, on_step=step)
             acc = validation_accuracy(model, split, ctx.device)
             row["val_accuracy"] = round(acc, 5)
             if best is None or acc > best[0]:

@@ -325,6 +325,20 @@ def test_latency_sweep_gives_one_model_per_point(cnn_job, tmp_path, monkeypatch)
     assert tight.macs_ratio < loose.macs_ratio < 1.0
 
 
+def _two_convs(width: int) -> nn.Module:
+    """conv0 (64 channels, the group '0' the search tests cut) -> conv2 (`width`) -> fc."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, width, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    ).eval()
+
+
 class _WidthTimer:
     """A stand-in for NetworkTimer whose 'measured' ratio is a known function of the pruned
     network: the first conv's kept share of its 64 channels (no clock involved)."""
@@ -354,16 +368,7 @@ def test_latency_search_cuts_the_straddling_chunk_in_part(quantum, removed, kept
     from engine.budget import Chunk
     from engine.latency.network import search_latency
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 10),
-    ).eval()
+    model = _two_convs(8)
     example = torch.randn(1, 3, 8, 8)
     order = list(range(63, -1, -1))  # the group's removal order, lowest score first
     chunks = [Chunk("0", order[i : i + 24], float(i)) for i in (0, 24)]
@@ -401,16 +406,7 @@ def test_latency_search_tries_another_groups_chunk_when_a_part_is_slow():
     from engine.budget import Chunk
     from engine.latency.network import search_latency
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    ).eval()
+    model = _two_convs(32)
     example = torch.randn(1, 3, 8, 8)
     chunks = [
         Chunk("0", list(range(24)), 0.1),
@@ -436,16 +432,7 @@ def test_latency_search_leaves_a_cliff_chunk_out_and_goes_on_down_the_order():
     from engine.budget import Chunk
     from engine.latency.network import search_latency
 
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(64, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 10),
-    ).eval()
+    model = _two_convs(32)
     example = torch.randn(1, 3, 8, 8)
     chunks = [
         Chunk("0", list(range(24)), 0.1),
