@@ -425,7 +425,7 @@ def estimate_time(
     # epochs) on 85% of the data, then the winner fine-tunes on all of it.
     choosing = rec.mode == "finetune" and epochs > 0 and rec.choosing_lr()
     n_choices = len(set(rec.lr_choices)) if choosing else 0
-    screen = epochs if rec.lr_screen_epochs is None else min(rec.lr_screen_epochs, epochs)
+    screen = rec.lr_screen_for(epochs)
     trained = epochs + n_choices * screen * 0.85
     parts = {
         "analysis": analysis_seconds,

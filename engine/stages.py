@@ -142,7 +142,7 @@ def recover(prep: Prepared, pruned: Pruned, progress: StageProgress) -> Recovere
     if mode != "none" and epochs > 0:
         lr = rec.base_lr
         if mode == "finetune" and rec.choosing_lr():
-            screen = epochs if rec.lr_screen_epochs is None else min(rec.lr_screen_epochs, epochs)
+            screen = rec.lr_screen_for(epochs)
             lr, choice = _choose_lr(
                 prep, pruned, model, screen, extra, lambda f, m: progress(0.6 * f, m)
             )

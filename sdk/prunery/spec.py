@@ -279,6 +279,10 @@ class Recovery(_Strict):
         else the first of `lr_choices`."""
         return self.lr if self.lr is not None else self.lr_choices[0]
 
+    def lr_screen_for(self, epochs: float) -> float:
+        """Epochs each of `lr_choices` trains before it is scored, for a fine-tune of `epochs`."""
+        return epochs if self.lr_screen_epochs is None else min(self.lr_screen_epochs, epochs)
+
     def choosing_lr(self) -> bool:
         """Whether the fine-tune's learning rate is chosen by validation."""
         return self.lr is None and len(set(self.lr_choices)) > 1

@@ -81,18 +81,23 @@ def test_twice_the_epochs_twice_the_training(analysed, zoo_model, digits_npz):
     assert steps(f) == pytest.approx(2 * steps(e), rel=1e-3)
 
 
+def _estimate_kwargs(e) -> dict:  # type: ignore[no-untyped-def]
+    """estimate_time's arguments besides the costs and spec, from a measured estimate."""
+    return {
+        "train_samples": e.train_samples,
+        "test_samples": e.test_samples,
+        "analysis_seconds": 0.0,
+        "catalog": registry,
+    }
+
+
 def test_choosing_the_learning_rate_is_counted(analysed):
     """recovery.lr null (the default): each of the 2 default lr_choices first trains the
     whole 2 epochs (lr_screen_epochs 1: one) on 85% of the training split, then the winner
     fine-tunes the 2 epochs on all of it."""
     e = analysed.time_estimate
     assert e is not None
-    kw = {
-        "train_samples": e.train_samples,
-        "test_samples": e.test_samples,
-        "analysis_seconds": 0.0,
-        "catalog": registry,
-    }
+    kw = _estimate_kwargs(e)
     per_epoch = e.parts["recovery"] / 2
     whole = analysis.estimate_time(e.measured, _spec(lr=None), **kw)
     assert whole.parts["recovery"] == pytest.approx((2 + 2 * 2 * 0.85) * per_epoch, rel=1e-3)
@@ -107,12 +112,7 @@ def test_choosing_the_learning_rate_is_counted(analysed):
 def test_method_passes_are_counted(analysed):
     e = analysed.time_estimate
     assert e is not None
-    kw = {
-        "train_samples": e.train_samples,
-        "test_samples": e.test_samples,
-        "analysis_seconds": 0.0,
-        "catalog": registry,
-    }
+    kw = _estimate_kwargs(e)
     slim = analysis.estimate_time(e.measured, _spec("network_slimming", sparsity_epochs=3), **kw)
     assert slim.parts["method"] == pytest.approx(
         3 * e.steps_per_epoch * e.measured.train_step_seconds, rel=1e-3
