@@ -446,3 +446,77 @@ def test_latency_search_leaves_a_cliff_chunk_out_and_goes_on_down_the_order():
     assert plan == {"0": list(range(24)), "2": list(range(16))}
     assert details["kept_latency_search"] == pytest.approx(0.5875, abs=1e-4)
     assert details["split_chunk"] == {"skipped_chunk_of": "0", "chunk": 1}
+
+
+def _pairs(median: float, k: int, other: float, n: int = 20) -> list[float]:
+    """n per-pair speedups: k at `median`, the rest at `other` (k > n/2 sets the median)."""
+    return [median] * k + [other] * (n - k)
+
+
+class _PairTimer:
+    """A clock-free stand-in for NetworkTimer: per-pair speedups of each width set against
+    the original (`vs_original`) and of a candidate against the kept one (`head_to_head`)."""
+
+    runs = 20
+
+    def __init__(self, vs_original: dict, head_to_head: dict) -> None:
+        self.vs_original, self.head_to_head = vs_original, head_to_head
+        self.against: list[bytes] = []
+
+    def export(self, module: str) -> bytes:
+        return module.encode()
+
+    def speed_samples(self, net: bytes, batches, against: bytes | None = None) -> dict:
+        if against is None:
+            return {b: self.vs_original[net.decode()][b] for b in batches}
+        self.against.append(against)
+        return {b: self.head_to_head[(net.decode(), against.decode())][b] for b in batches}
+
+
+def _choose(timer: _PairTimer) -> tuple[str, dict]:
+    from types import SimpleNamespace
+
+    from engine.latency.network import ensure_faster
+
+    lat = SimpleNamespace(mode="measured", skip=set(), groups={})
+    return ensure_faster(lat, timer, lambda: lat.mode, "measured", lambda r: r, (1, 32), [])
+
+
+def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
+    """Both width sets are as fast as the original. Measured apart, coarse's slowest batch
+    size looks 4% faster (1.25x vs 1.20x), which the old rule took; timed against each other
+    it is a tie at batch 1 (12 of 20 pairs) and slower at batch 32: measured stays."""
+    vs_original = {
+        "measured": {1: _pairs(1.20, 18, 0.95), 32: _pairs(1.70, 20, 1.0)},
+        "coarse": {1: _pairs(1.25, 18, 0.95), 32: _pairs(1.40, 20, 1.0)},
+    }
+    tie_then_slower = {1: _pairs(1.04, 12, 0.97), 32: _pairs(0.82, 19, 1.01)}
+    timer = _PairTimer(vs_original, {("coarse", "measured"): tie_then_slower})
+    kept, details = _choose(timer)
+    assert kept == "measured" and details["kept"] == "measured"
+    assert timer.against == [b"measured"]  # the candidate was timed against the kept network
+    assert details["checks"][1]["vs_kept"] == {"1": 1.04, "32": 0.82}
+
+    # Faster head to head at batch 32 beyond chance and no slower at batch 1: coarse is kept.
+    faster = {1: _pairs(1.01, 11, 0.99), 32: _pairs(1.20, 18, 0.98)}
+    timer = _PairTimer(vs_original, {("coarse", "measured"): faster})
+    kept, details = _choose(timer)
+    assert kept == "coarse" and details["kept"] == "coarse"
+
+    # 5% faster by the median but only 12 of 20 pairs: noise, measured stays.
+    noisy = {1: _pairs(1.05, 12, 0.97), 32: _pairs(1.05, 12, 0.97)}
+    kept, _ = _choose(_PairTimer(vs_original, {("coarse", "measured"): noisy}))
+    assert kept == "measured"
+
+
+def test_a_slower_first_allocation_is_replaced_by_one_that_is_not_slower():
+    """The never-slower rescue: the measured widths are slower than the original at batch 1
+    (18 of 20 pairs); coarse is not, so it is kept without a head-to-head comparison."""
+    vs_original = {
+        "measured": {1: _pairs(0.90, 18, 1.02), 32: _pairs(1.30, 20, 1.0)},
+        "coarse": {1: _pairs(1.02, 11, 0.99), 32: _pairs(1.10, 18, 0.98)},
+    }
+    timer = _PairTimer(vs_original, {})
+    kept, details = _choose(timer)
+    assert kept == "coarse" and timer.against == []
+    assert details["checks"][0]["slower"] and not details["checks"][1]["slower"]
