@@ -5,8 +5,10 @@ method vs Torch-Pruning by hand, at the same budget and the same recovery epochs
         [--configs old,new,auto,...] [--threads 1]
 
 For every zoo model (sklearn digits, opset 17) and MACs target, each configuration runs the
-engine's own stages — load and analyse once per model, then the method through
-`progressive.run` (as the pipeline calls it), the recovery with the spec's distillation (as
+engine's own stages — load and analyse once per model, then the prune stage as a job runs it
+(the method through `progressive.run`, widths stepped by the measured latency profile, the
+never-slower check and the whole-network width choice; the note gives each width set's
+speedup at batch 1/32 and the one kept), the recovery with the spec's distillation (as
 the pipeline does it), the ONNX export with its parity check — and measures test accuracy
 on the exported ONNX with onnxruntime (the only time the test split is read). Recovery:
 `--epochs` epochs, Adam, cosine, batch 64, for every configuration; the learning rate is the
@@ -29,7 +31,8 @@ Configurations (`--configs`, default all):
 * Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs]`, e.g.
   l1:mean:sum or l1:none:sum:inputs, and modifiers `+nokd`, `+a0.5`, `+T2`, `+steps3`,
   recovery overrides `+lr3e-3` (a fixed lr), `+fixedlr` (1e-3), `+lrscreen3`
-  (lr_screen_epochs), `+bs32`, `+optsgd`,
+  (lr_screen_epochs), `+bs32`, `+optsgd`, `+step1` (widths step by 1 and nothing is timed:
+  the criterion without the width rounding; before session 13 every configuration ran so),
   `+key=value` (a method parameter; `a|b|c` for a list, e.g.
   `auto+candidates=l1_norm|channel_regression:allocation=global`) on any configuration.
 
@@ -97,6 +100,7 @@ class Config:
     steps: int = 1
     recovery: dict = field(default_factory=dict)  # overrides of RECOVERY (lr, batch_size, ...)
     fixed_lr: bool = False  # lr 1e-3 (the old default) instead of the spec's chosen lr
+    widths: bool = True  # the pipeline's prune stage: measured width steps, never-slower choice
 
 
 def config(label: str, epochs: int) -> Config:
@@ -140,6 +144,8 @@ def config(label: str, epochs: int) -> Config:
             cfg.recovery["lr_screen_epochs"] = float(mod[8:])
         elif mod == "fixedlr":
             cfg.fixed_lr = True
+        elif mod == "step1":
+            cfg.widths = False
         elif mod == "nokd":
             cfg.distill["enabled"] = False
         elif mod == "kd":
@@ -198,7 +204,7 @@ def bench_engine(name: str, base: Baseline, cfg: Config, target: float, epochs: 
     t0 = time.perf_counter()
     try:
         spec = spec_for(cfg, target, epochs)
-        pruned = run_method(base, spec)
+        pruned = run_method(base, spec, widths=cfg.widths)
         recovered = recover_copy(base, pruned, spec)
         measure(row, base, recovered.model)
         if recovered.lr_choice:
@@ -213,10 +219,27 @@ def bench_engine(name: str, base: Baseline, cfg: Config, target: float, epochs: 
         auto = pruned.result.details.get("auto")
         if auto:
             row.note = (row.note + " " if row.note else "") + f"won: {auto['winner']}"
+        if pruned.speed_checks:
+            row.note = (row.note + " " if row.note else "") + widths_note(pruned.speed_checks)
     except Exception as exc:  # a failed configuration is a result too
         row.note = short_error(exc)
     row.wall = time.perf_counter() - t0
     return row
+
+
+def widths_note(checks: dict) -> str:
+    """The prune stage's whole-network timings (speedup at batch 1/32 before recovery, per
+    width set tried) and the set it kept."""
+    tried = ", ".join(
+        f"{c['widths']} "
+        + (
+            "/".join(f"{v:.2f}" for v in c["speedup"].values()) + "x"
+            if "speedup" in c
+            else "failed"
+        )
+        for c in checks.get("checks", [])
+    )
+    return f"widths {tried} -> {checks.get('kept', 'first')}"
 
 
 def bench_tp(name: str, base: Baseline, target: float, epochs: int) -> Row:

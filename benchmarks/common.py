@@ -29,6 +29,7 @@ from engine import progressive
 from engine.pipeline import run
 from engine.prepare import Prepared, dynamic_batch, prepare
 from engine.stages import Pruned, Recovered, recover
+from engine.stages import prune as prune_stage
 from engine.verify import export_and_verify
 from methods import registry
 from prunery.report import Report
@@ -60,11 +61,18 @@ def prepare_model(model_path: Path, data_path: Path) -> Baseline:
     return Baseline(prep, acc)
 
 
-def run_method(base: Baseline, spec: JobSpec) -> Pruned:
-    """The configuration's method through `progressive.run`, as the pipeline calls it (the
-    latency-measured width search is left out: these grids compare MACs budgets)."""
+def run_method(base: Baseline, spec: JobSpec, *, widths: bool = False) -> Pruned:
+    """The configuration's method through `progressive.run`, as the pipeline calls it.
+
+    `widths`: the pipeline's whole prune stage (`engine.stages.prune`), i.e. what a job with
+    this spec ships: channel widths stepped by the measured per-layer latency profile, the
+    never-slower check and the whole-network choice between the measured and the coarse width
+    set (the pruned model's `speed_checks` say which was kept). Without it the widths step by 1
+    and nothing is timed, which isolates the criterion from the width rounding."""
     torch.manual_seed(SEED)
     prep = base.prep.rebind(spec, registry)
+    if widths:
+        return prune_stage(prep, lambda _f, _m: None)
     ctx = prep.context()
     result = progressive.run(prep.method, ctx, prep.info.name)
     model = result.model.cpu().eval()
