@@ -11,10 +11,11 @@ never-slower check and the whole-network width choice; the note gives each width
 speedup at batch 1/32 and the one kept), the recovery with the spec's distillation (as
 the pipeline does it), the ONNX export with its parity check — and measures test accuracy
 on the exported ONNX with onnxruntime (the only time the test split is read). Recovery:
-`--epochs` epochs, Adam, cosine, batch 64, for every configuration; the learning rate is the
-spec's default (chosen among recovery.lr_choices on a validation split carved from the
-training data) except for `old` and `tp`, which train at 1e-3 (the old default; `+fixedlr`
-does that for any configuration).
+`--epochs` epochs, Adam, cosine, for every configuration; the learning rate and the batch
+are the spec's defaults (lr chosen among recovery.lr_choices on a validation split carved from
+the training data; batch from the training split's size, 32 on digits) except for `old` and
+`tp`, which train at lr 1e-3 and batch 64 (the old defaults; `+fixedlr` does that for any
+configuration).
 
 Configurations (`--configs`, default all):
 
@@ -229,13 +230,19 @@ def bench_engine(name: str, base: Baseline, cfg: Config, target: float, epochs: 
 
 def widths_note(checks: dict) -> str:
     """The prune stage's whole-network timings (speedup at batch 1/32 before recovery, per
-    width set tried) and the set it kept."""
+    width set tried, and a candidate's speedup over the kept set timed head to head) and the
+    set it kept."""
     tried = ", ".join(
         f"{c['widths']} "
         + (
             "/".join(f"{v:.2f}" for v in c["speedup"].values()) + "x"
             if "speedup" in c
             else "failed"
+        )
+        + (
+            " (head to head " + "/".join(f"{v:.2f}" for v in c["vs_kept"].values()) + "x)"
+            if "vs_kept" in c
+            else ""
         )
         for c in checks.get("checks", [])
     )

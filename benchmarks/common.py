@@ -38,8 +38,9 @@ from tests.zoo import ZOO, build_zoo_model, default_cache_dir, write_digits_npz
 
 SEED = 0
 RECOVERY = {"lr": 1e-3, "batch_size": 64, "optimizer": "adam", "schedule": "cosine"}
-# The spec's default learning rate (null: chosen on a validation split, recovery.lr_choices).
-CHOSEN_LR = {k: v for k, v in RECOVERY.items() if k != "lr"}
+# The spec's defaults: the learning rate (null: chosen on a validation split,
+# recovery.lr_choices) and the batch size (null: from the training split's size).
+CHOSEN_LR = {k: v for k, v in RECOVERY.items() if k not in ("lr", "batch_size")}
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -227,7 +227,7 @@ def _estimate(
 ) -> TimeEstimate:
     spec = spec or default_spec()
     costs, measuring = measure_step_costs(
-        module, calibration, spec.recovery.batch_size, opset=spec.export.opset
+        module, calibration, spec.recovery.batch_for(counts[0]), opset=spec.export.opset
     )
     out = estimate_time(
         costs,

@@ -117,6 +117,14 @@ class PruneContext:
     # engine layer name -> the exporter's source module path (engine.load), so target.layers
     # may name a layer either way.
     source_names: dict[str, str] = field(default_factory=dict)
+    # The training batch size, decided once from the job's whole training split
+    # (recovery.batch_for), so auto's screening and the learning-rate choice, which train on
+    # part of it, use the batch of the final fine-tune. None: from this context's data.
+    train_batch: int | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.train_batch or self.spec.recovery.batch_for(len(self.data.x_train))
 
     @property
     def groups(self) -> list[graph.ChannelGroup]:
@@ -147,7 +155,7 @@ class PruneContext:
         self, model: nn.Module, epochs: int, lr: float | None = None, **kwargs: Any
     ) -> list[float]:
         rec = self.spec.recovery
-        kwargs.setdefault("batch_size", rec.batch_size)
+        kwargs.setdefault("batch_size", self.batch_size)
         kwargs.setdefault("optimizer", rec.optimizer)
         kwargs.setdefault("momentum", rec.momentum)
         kwargs.setdefault("weight_decay", rec.weight_decay)

@@ -124,6 +124,7 @@ class Prepared:
             seed=spec.seed,
             progress=progress or (lambda f, m: None),
             source_names=dict(self.loaded.model.source_names),
+            train_batch=spec.recovery.batch_for(len(self.data.x_train)),
         )
 
 

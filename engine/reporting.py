@@ -257,6 +257,7 @@ def build_report(
             "distill_used": recovered.distill,
             "lr_used": recovered.lr,
             "lr_choice": recovered.lr_choice,
+            "batch_size_used": pruned.ctx.batch_size,
         },
         target=target,
         macs=BeforeAfter(before=verified.cost_before.macs, after=verified.cost_after.macs),

@@ -279,8 +279,8 @@ class ANP:
             on_step=on_step,
             diverged=lambda _e, _l: "ANP mask training diverged; lower recovery.lr or mask_lr",
         )
-        steps = math.ceil(n_train / rec.batch_size)
-        batches = train.device_batches(ctx.data, rec.batch_size, gen, ctx.device)
+        steps = math.ceil(n_train / rec.method_batch)
+        batches = train.device_batches(ctx.data, rec.method_batch, gen, ctx.device)
         run = train.Loop(batches, steps, loss_of, [opt_w, opt_m], hooks=hooks)
         keys = ("ce_clean", "ce_adv", "kl", "vulnerability")
         history = [

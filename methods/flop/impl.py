@@ -220,7 +220,7 @@ class Flop:
         opt_l = torch.optim.SGD([lam], lr=p.lambda_lr, maximize=True)  # plain gradient ascent on λ
         gen = torch.Generator().manual_seed(ctx.seed)
         torch.manual_seed(ctx.seed)
-        bs = ctx.spec.recovery.batch_size
+        bs = ctx.spec.recovery.method_batch
         steps_per_epoch = math.ceil(len(ctx.data.x_train) / bs)
         total = max(1, p.epochs * steps_per_epoch)
         warm = max(1, int(p.warmup_fraction * total))

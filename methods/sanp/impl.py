@@ -177,7 +177,7 @@ class SANP:
             cost_weight=p.cost_weight,
             lr=rec.base_lr,
             spm_lr=p.spm_lr,
-            batch_size=rec.batch_size,
+            batch_size=rec.method_batch,
             optimizer=rec.optimizer,
             momentum=rec.momentum,
             weight_decay=rec.weight_decay,

@@ -292,7 +292,6 @@ class TAS:
         self, ctx: PruneContext, net: nn.Module, search: WidthSearch, cost: WidthCost, goal: float
     ) -> dict:
         p = self.params
-        rec = ctx.spec.recovery
         data = ctx.data
         gen = torch.Generator().manual_seed(ctx.seed)
         torch.manual_seed(ctx.seed)
@@ -305,7 +304,7 @@ class TAS:
         a_opt = torch.optim.Adam(
             search.parameters(), lr=p.arch_lr, betas=(0.5, 0.999), weight_decay=1e-3
         )
-        bs = rec.batch_size
+        bs = ctx.spec.recovery.method_batch
         steps = math.ceil(len(half_a) / bs)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=p.search_epochs * steps)
         sites = ChannelSites(net, ctx.dependency_graph(net), ctx.groups)

@@ -292,7 +292,7 @@ def _excluded_and_recovery(report: Report) -> list[str]:
     parts.append(
         f"<p>{escape(str(rec.get('mode_used')))} for {escape(str(rec.get('epochs_used')))} epochs "
         f"(lr {escape(str(lr))}{' chosen on validation' if choice else ''}, "
-        f"batch {escape(str(rec.get('batch_size')))}).</p>"
+        f"batch {escape(str(rec.get('batch_size_used', rec.get('batch_size'))))}).</p>"
     )
     if choice.get("table"):
         parts.append(

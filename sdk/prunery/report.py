@@ -369,6 +369,11 @@ def render_markdown(report: Report) -> str:
             + (" (chosen on validation)" if report.recovery.get("lr_choice") else "")
             if isinstance(report.recovery.get("lr_used"), (int, float))
             else ""
+        )
+        + (
+            f", batch {report.recovery['batch_size_used']}"
+            if report.recovery.get("batch_size_used")
+            else ""
         ),
         f"- stage seconds: {', '.join(f'{k} {v:.1f}' for k, v in report.stage_seconds.items())}",
         f"- seed {report.seed}; model sha256 `{report.model_sha256[:16]}…`; spec hash `{report.spec_hash[:16]}…`",

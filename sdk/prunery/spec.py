@@ -227,6 +227,11 @@ class Distillation(_Strict):
     )
 
 
+# recovery.batch_size null: the largest of 64, 32, 16 that gives an epoch this many steps.
+MIN_STEPS_PER_EPOCH = 40
+MAX_AUTO_BATCH, MIN_AUTO_BATCH = 64, 16
+
+
 class Recovery(_Strict):
     mode: Literal["finetune", "scratch", "none"] = Field(
         default="finetune",
@@ -263,7 +268,16 @@ class Recovery(_Strict):
         "fine-tune (a learning rate ranked after a shorter run is biased towards small ones). "
         "The winner then fine-tunes the pruned network on the whole training split",
     )
-    batch_size: int = Field(default=64, ge=1, le=65536)
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="training batch size. null (default): 64, halved (not below 16) while one "
+        f"epoch of the job's training split would be fewer than {MIN_STEPS_PER_EPOCH} steps, so a "
+        "few-epoch fine-tune of a small dataset still makes enough updates (digits' 1437 "
+        "training images: 32). The report's `recovery.batch_size_used` gives the batch used. "
+        "Training loops inside a method (flop, tas, anp, sanp) use 64 unless it is given",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -282,6 +296,25 @@ class Recovery(_Strict):
     def lr_screen_for(self, epochs: float) -> float:
         """Epochs each of `lr_choices` trains before it is scored, for a fine-tune of `epochs`."""
         return epochs if self.lr_screen_epochs is None else min(self.lr_screen_epochs, epochs)
+
+    def batch_for(self, train_samples: int | None) -> int:
+        """The training batch size for a training split of `train_samples` (see `batch_size`)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        bs = MAX_AUTO_BATCH
+        while (
+            bs > MIN_AUTO_BATCH
+            and train_samples is not None
+            and train_samples < MIN_STEPS_PER_EPOCH * bs
+        ):
+            bs //= 2
+        return bs
+
+    @property
+    def method_batch(self) -> int:
+        """The batch of the training loops inside a method (FLOP, TAS, ANP, SANP): `batch_size`,
+        else 64, the batch their defaults were tuned at."""
+        return self.batch_size if self.batch_size is not None else MAX_AUTO_BATCH
 
     def choosing_lr(self) -> bool:
         """Whether the fine-tune's learning rate is chosen by validation."""

@@ -106,7 +106,8 @@ def test_analysis_without_a_spec_estimates_the_job_defaults(client, model_and_da
     assert "spec" not in r.json()["params"]
     assert _run(client, r.json()["id"]) == "succeeded"
     est = client.get(f"/v1/models/{model_id}/analysis", headers=h).json()["result"]
-    assert est["time_estimate"]["epochs"] == 3 and est["time_estimate"]["batch_size"] == 64
+    # 400 training samples: the default batch (null) halves 64 until an epoch has 40 steps: 16
+    assert est["time_estimate"]["epochs"] == 3 and est["time_estimate"]["batch_size"] == 16
 
 
 @pytest.mark.parametrize(

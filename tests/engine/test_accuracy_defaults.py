@@ -410,3 +410,29 @@ def test_a_job_reports_the_chosen_learning_rate_and_an_explicit_one_skips_the_ch
     )
     assert report.recovery["lr_used"] == 2e-3 and report.recovery["lr_choice"] is None
     assert not any("recovery learning rate" in n for n in report.notes)
+
+
+def test_default_batch_gives_a_small_training_split_enough_steps(monkeypatch):
+    """recovery.batch_size null: 64, halved (not below 16) while an epoch would be fewer than
+    40 steps; decided once from the job's whole training split, so a screening part of it
+    (auto, the learning-rate choice) trains with the final fine-tune's batch."""
+    import dataclasses
+
+    rec = JobSpec(target={"flops": 0.5}).recovery
+    assert rec.batch_size is None and rec.method_batch == 64
+    sizes = (50_000, 2560, 2559, 1437, 1280, 1279, 400, 3, None)
+    assert [rec.batch_for(n) for n in sizes] == [64, 64, 32, 32, 32, 16, 16, 16, 64]
+    given = JobSpec(target={"flops": 0.5}, recovery={"batch_size": 8}).recovery
+    assert given.batch_for(1437) == 8 and given.method_batch == 8
+
+    spec = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
+    ctx = _small_ctx(spec, _digits(guarded=False), trained=False)
+    assert len(ctx.data.x_train) == 1437 and ctx.batch_size == 32
+    half = recovery.validation_split(ctx.data, 0.5, 0)  # 718 samples: alone, 16
+    assert dataclasses.replace(ctx, data=half).batch_size == 16
+    job = dataclasses.replace(ctx, train_batch=ctx.batch_size)
+    screen = dataclasses.replace(job, data=half)
+    seen: list[int] = []
+    monkeypatch.setattr(train, "train", lambda *a, **kw: seen.append(kw["batch_size"]) or [])
+    screen.train(ctx.model, 1)
+    assert seen == [32]  # the job's batch, not the screening part's

@@ -202,10 +202,10 @@ def test_spec_sweeps_validate_with_messages_that_say_what_to_fix():
         with pytest.raises(ValueError, match=message):
             Target.model_validate(target)
     # A scalar target is what it was: same dump, same spec hash (the hash covers every
-    # default, so it moves only when one does: last, recovery.lr null and lr_choices).
+    # default, so it moves only when one does: last, recovery.batch_size null).
     one = JobSpec.model_validate({"target": {"flops": 0.5}})
     assert one.model_dump(mode="json")["target"]["flops"] == 0.5
-    assert one.spec_hash() == "f91993be026016b1ccf78f4e39e2c48c93af2bb52388f34accdb0a0a2a3126b0"
+    assert one.spec_hash() == "94d7dc53017f91aceec9b9cecb0f3ca9e806da7d3270ccaffa94d5e280ad7714"
     assert one.target.points() == [one.target] and one.target.fraction == 0.5
 
 

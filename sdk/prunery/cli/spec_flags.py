@@ -72,7 +72,11 @@ def _recovery_flags(p: argparse.ArgumentParser) -> None:
         type=float,
         help="recovery learning rate (default: chosen among recovery.lr_choices on a validation split)",
     )
-    p.add_argument("--batch-size", type=int, help="batch size (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="training batch size (default: 64, halved down to 16 while an epoch of the training split would be under 40 steps)",
+    )
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default adam")
     p.add_argument(
         "--no-distill",
