@@ -164,9 +164,18 @@ def engine_row(
         row.steps = " ".join(f"{k}:{v}" for k, v in lw["steps"].items()) + (
             f" ({lw['mode']})" if lw.get("mode") != "measured" else ""
         )
-    retries = [c["widths"] for c in lw.get("checks", [])[1:]]
-    if retries:
-        row.note += f"re-chose widths: {', '.join(retries)}. "
+    checks = lw.get("checks", [])
+    if len(checks) > 1:
+        tried = ", ".join(
+            str(c["widths"])
+            + (
+                " (head to head " + "/".join(f"{v:.2f}" for v in c["vs_kept"].values()) + "x)"
+                if "vs_kept" in c
+                else ""
+            )
+            for c in checks[1:]
+        )
+        row.note += f"tried {tried}; kept {lw.get('kept', checks[0]['widths'])}. "
     for g in report.gates:
         if not g.passed:
             row.note += f"gate {g.name} failed ({g.value:.2f}). "
