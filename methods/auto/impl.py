@@ -4,10 +4,11 @@ The training split is cut in two: a validation part (`validation_fraction`, draw
 with the job's seed) and the rest. Every candidate method runs at the job's budget on the
 rest (its calibration inputs and labelled batches come from there), gets a short recovery
 (`screen_epochs`, with the job's distillation), and is scored on the validation part. The
-candidate with the best validation accuracy wins; its pruned network (as it was before the
-screening recovery, or after the between-step recoveries of a progressive schedule) goes to
-the pipeline's full recovery on the whole training split. The test split is never read here:
-the report's test accuracy is the first time the chosen model meets it.
+candidate with the best validation accuracy wins and is run again on the whole training split,
+as a job naming it would run it (the screening chose the method; the pruned network should
+not be one whose calibration saw only 85% of the data); that network goes to the pipeline's
+full recovery. The test split is never read here: the report's test accuracy is the first
+time the chosen model meets it.
 
 Cost: one prune per candidate plus `screen_epochs` of training each, on top of the single
 method's prune and recovery; the report's `method_details.auto` gives the seconds.
@@ -15,7 +16,6 @@ method's prune and recovery; the report's `method_details.auto` gives the second
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import time
@@ -66,10 +66,9 @@ class Auto:
         name: str,
         extra: recovery.ExtraLoss | None,
         row: dict[str, Any],
-    ) -> MethodResult:
+    ) -> None:
         """Prune with candidate `name` on the screening context, fine-tune it briefly and
-        record its validation accuracy and kept fraction in `row`. The result holds the
-        pruned model before the screening fine-tune."""
+        record its validation accuracy and kept fraction in `row`."""
         info, impl = _instantiate(name)
         if ctx.spec.task not in info.tasks:
             raise ValueError(f"does not support task {ctx.spec.task!r}")
@@ -78,19 +77,15 @@ class Auto:
             raise ValueError(
                 "not a static fine-tunable result; auto only compares fine-tuned static prunings"
             )
-        final = copy.deepcopy(result.model).cpu().eval()
-        model = result.model
-        recovery.train_epochs(sctx, model, self.params.screen_epochs, extra_loss=extra)
-        row["val_accuracy"] = round(validation_accuracy(model, sctx.data, ctx.device), 5)
-        costs = ctx.costs(final.cpu())
+        costs = ctx.costs(result.model.cpu().eval())
         row["kept"] = round(
             costs.macs / ctx.base_costs.macs
             if ctx.spec.target.kind != "params"
             else costs.params / ctx.base_costs.params,
             5,
         )
-        result.model = final
-        return result
+        recovery.train_epochs(sctx, result.model, self.params.screen_epochs, extra_loss=extra)
+        row["val_accuracy"] = round(validation_accuracy(result.model, sctx.data, ctx.device), 5)
 
     def run(self, ctx: PruneContext) -> MethodResult:
         p = self.params
@@ -103,7 +98,6 @@ class Auto:
         kd = recovery.distillation(ctx.spec)
         extra = recovery.distill_loss(ctx.model, kd, ctx.device)
         board: list[dict[str, Any]] = []
-        kept: dict[str, MethodResult] = {}
         errors: list[Exception] = []
         n = len(p.candidates)
         for i, name in enumerate(p.candidates):
@@ -116,7 +110,7 @@ class Auto:
                 progress=_sub_progress(ctx.progress, i, n, name),
             )
             try:
-                kept[name] = self._screen(ctx, sctx, name, extra, row)
+                self._screen(ctx, sctx, name, extra, row)
             except (
                 Exception
             ) as exc:  # a candidate that cannot run is a leaderboard row, not a failed job
@@ -141,25 +135,22 @@ class Auto:
         )
         if len(ranked) > 1:
             why += f"; runner-up {ranked[1]['method']} at {ranked[1]['val_accuracy']:.4f}"
-        result = kept[win["method"]]
         total = time.perf_counter() - t_start
-        result.details = {
-            "auto": {
-                "winner": win["method"],
-                "why": why,
-                "leaderboard": board,
-                "validation_samples": len(screen.x_test),
-                "screen_epochs": p.screen_epochs,
-                "metric": "next-token accuracy"
-                if ctx.spec.task == "language_modeling"
-                else "top-1 accuracy",
-                "seconds": round(total, 2),
-                "winner_seconds": win["seconds"],
-                "distill": kd,
-            },
-            **{f"winner_{k}": v for k, v in result.details.items()},
+        auto_details = {
+            "winner": win["method"],
+            "why": why,
+            "leaderboard": board,
+            "validation_samples": len(screen.x_test),
+            "screen_epochs": p.screen_epochs,
+            "metric": "next-token accuracy"
+            if ctx.spec.task == "language_modeling"
+            else "top-1 accuracy",
+            "seconds": round(total, 2),
+            "winner_seconds": win["seconds"],
+            "distill": kd,
+            "final": "the winner pruned again on the whole training split, as a job naming it",
         }
-        result.notes.append(
+        note = (
             f"auto chose {win['method']}: {why}. Leaderboard (validation accuracy, seconds): "
             + ", ".join(
                 f"{r['method']} {r['val_accuracy']:.4f} {r['seconds']:.1f}s"
@@ -167,29 +158,32 @@ class Auto:
                 else f"{r['method']} failed"
                 for r in board
             )
-            + f". Screening took {total:.1f} s in all, {win['seconds']:.1f} s for the winner alone."
+            + f". Screening took {total:.1f} s in all, {win['seconds']:.1f} s for the winner alone; "
+            "the winner was then pruned again on the whole training split"
         )
-        result.rerun = self._rerun_winner(
-            dataclasses.replace(ctx, data=screen, calibration=calibration), win["method"], result
-        )
+        ctx.progress(1.0, f"auto: {win['method']} on the whole training split")
+        final = self._winner_on(ctx, win["method"], auto_details, note)
+        result = final()
+        result.rerun = final
         return result
 
     @staticmethod
-    def _rerun_winner(
-        sctx: PruneContext, candidate: str, first: MethodResult
+    def _winner_on(
+        ctx: PruneContext, candidate: str, auto_details: dict[str, Any], note: str
     ) -> Callable[[], MethodResult]:
-        """The never-slower comparison re-runs the allocation with other widths: the winner
-        alone, on the same screening data, keeping auto's leaderboard and note."""
-        auto_details, auto_note = first.details["auto"], first.notes[-1]
+        """The winner alone on the job's whole training split (its calibration inputs and
+        labelled batches), as a job naming it runs it: the screening chose the method, and the
+        pruned network should not be the one that saw only 85% of the data. The never-slower
+        comparison calls it again with other widths. Keeps auto's leaderboard and note."""
 
-        def rerun() -> MethodResult:
+        def run() -> MethodResult:
             info, impl = _instantiate(candidate)
-            again = progressive.run(impl, sctx, info.name)
+            again = progressive.run(impl, ctx, info.name)
             again.details = {
-                "auto": {**auto_details, "rerun": "the winner alone (other widths)"},
+                "auto": dict(auto_details),
                 **{f"winner_{k}": v for k, v in again.details.items()},
             }
-            again.notes.append(auto_note)
+            again.notes.append(note)
             return again
 
-        return rerun
+        return run

@@ -177,6 +177,19 @@ def test_auto_ranks_candidates_on_a_validation_split_and_never_reads_the_test_sp
     assert result.details["auto"]["winner"] == best["method"]
     assert abs(torch_costs(result.model, ctx.example).macs / ctx.base_costs.macs - 0.5) <= 0.01
     assert any("auto chose" in n for n in result.notes)
+    # The model is the winner's on the whole training split, as a job naming it would prune:
+    # the same widths and weights (the screening ran on 85% of it, calibration included).
+    info, impl = auto_mod._instantiate(best["method"])
+    named = progressive.run(impl, ctx, info.name).model
+    assert [m.weight.shape for m in result.model.modules() if hasattr(m, "weight")] == [
+        m.weight.shape for m in named.modules() if hasattr(m, "weight")
+    ]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            result.model.state_dict().values(), named.state_dict().values(), strict=True
+        )
+    )
 
 
 def test_auto_candidates_may_carry_parameters():
