@@ -32,7 +32,7 @@ Configurations (`--configs`, default all):
 * Extra l1 variants for choosing defaults: `l1:NORMALIZER:REDUCTION[:inputs]`, e.g.
   l1:mean:sum or l1:none:sum:inputs, and modifiers `+nokd`, `+a0.5`, `+T2`, `+steps3`,
   recovery overrides `+lr3e-3` (a fixed lr), `+fixedlr` (1e-3), `+lrscreen3`
-  (lr_screen_epochs), `+bs32`, `+optsgd`, `+step1` (widths step by 1 and nothing is timed:
+  (lr_screen_epochs), `+lrc1e-3|3e-3|1e-2` (lr_choices), `+bs32`, `+optsgd`, `+step1` (widths step by 1 and nothing is timed:
   the criterion without the width rounding; before session 13 every configuration ran so),
   `+key=value` (a method parameter; `a|b|c` for a list, e.g.
   `auto+candidates=l1_norm|channel_regression:allocation=global`) on any configuration.
@@ -141,6 +141,8 @@ def config(label: str, epochs: int) -> Config:
                 cfg.params[key] = value.split("|")
             else:
                 cfg.params[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+        elif mod.startswith("lrc"):  # recovery.lr_choices, e.g. +lrc1e-3|3e-3|1e-2
+            cfg.recovery["lr_choices"] = [float(v) for v in mod[3:].split("|")]
         elif mod.startswith("lrscreen"):
             cfg.recovery["lr_screen_epochs"] = float(mod[8:])
         elif mod == "fixedlr":

@@ -117,7 +117,7 @@ def bench_prunery(
                 data_path,
                 out,
                 latency_runs=args.runs,
-                latency_threads=args.ort_threads or None,
+                latency_threads=args.ort_threads,
                 catalog=registry,
             )
     except Exception as exc:  # a failed job is a result too: show it, keep benchmarking
@@ -247,9 +247,7 @@ def _measure_tp(
     )
     # The pipeline's own baseline: the normalised upload with a symbolic batch.
     base_onnx = dynamic_batch(loaded.onnx_model)
-    _measure_onnx(
-        row, base_onnx, pruned_onnx, loaded.input_name, data, args.runs, args.ort_threads or None
-    )
+    _measure_onnx(row, base_onnx, pruned_onnx, loaded.input_name, data, args.runs, args.ort_threads)
 
 
 def _measure_onnx(
@@ -329,9 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ort-threads",
         type=int,
-        default=0,
-        help="onnxruntime intra-op threads for latency (0: its default, all cores, as the engine does); "
-        "1 is steadier on a shared machine",
+        default=1,
+        help="onnxruntime intra-op threads for latency (default 1, as the engine times; "
+        "0: onnxruntime's default, all cores)",
     )
     p.add_argument("--cache-dir", type=Path, default=None, help="zoo cache (default: tests' cache)")
     args = p.parse_args(argv)

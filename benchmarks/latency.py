@@ -139,7 +139,7 @@ def engine_row(
                 data,
                 out,
                 latency_runs=args.runs,
-                latency_threads=args.ort_threads or None,
+                latency_threads=args.ort_threads,
                 catalog=registry,
             )
             if report.target.kind == "latency":
@@ -200,7 +200,7 @@ def _remeasure(
         x,
         batch,
         runs=max(args.runs, 30),
-        threads=args.ort_threads or None,
+        threads=args.ort_threads,
     )
     return b.median_ms / a.median_ms
 
@@ -228,7 +228,7 @@ def tp_row(name: str, model: Path, data: Path, args: argparse.Namespace) -> Row:
                 x[:bs],
                 bs,
                 runs=args.runs,
-                threads=args.ort_threads or None,
+                threads=args.ort_threads,
             )
             row.speedup[bs] = a.median_ms / b.median_ms
     except Exception as exc:

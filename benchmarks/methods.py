@@ -128,7 +128,7 @@ def bench_method(
                 recovered.model,
                 batches=LATENCY_BATCHES,
                 runs=args.runs,
-                threads=args.ort_threads or None,
+                threads=args.ort_threads,
             )
         except Exception as exc:
             row.note = short_error(exc)
@@ -243,7 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--recoveries", default=",".join(RECOVERIES))
         p.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
         p.add_argument("--runs", type=int, default=10, help="timed onnxruntime runs per latency")
-        p.add_argument("--ort-threads", type=int, default=0)
+        p.add_argument("--ort-threads", type=int, default=1, help="0: all cores")
 
     p = grid_parser(__doc__, 1, "recovery epochs E, the same for every method", own)
     args = parse_grid(p, argv)

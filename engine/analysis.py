@@ -320,7 +320,7 @@ def measure_step_costs(
         t0 = time.perf_counter()
         exported = export_mod.export_onnx(copy.deepcopy(module).cpu().eval(), x[:1].cpu(), opset)
         export_s = time.perf_counter() - t0
-        session = ort_session(exported)
+        session = ort_session(exported, threads=export_mod.timing_threads(None))
         name = session.get_inputs()[0].name
         for bs in sorted({*LATENCY_BATCHES, min(batch_size, 256)}):
             feed = {

@@ -148,6 +148,7 @@ def measure_latency(
                 pairs_below_gate=None
                 if limit is None
                 else latency_mod.pairs_below(before.times_ms, after.times_ms, limit),
+                threads=export_mod.threads_label(threads),
             )
         )
     return out

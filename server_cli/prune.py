@@ -56,7 +56,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ort-threads",
         type=int,
-        help="onnxruntime intra-op threads for every latency measurement (default: all cores)",
+        help="onnxruntime intra-op threads for every latency measurement (default 1: two "
+        "thread pools timed alternately compete, and multi-threaded ratios of small models are "
+        "noise; 0: onnxruntime's default, one per core)",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--json", action="store_true", help="print the report JSON instead of the table")

@@ -20,7 +20,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from engine.export import SETTLE_S
+from engine.export import SETTLE_S, timing_threads
 from prunery.types import prunery_home
 
 RUNS = 15  # timed runs per op and width (interleaved), after WARMUP
@@ -238,6 +238,7 @@ def session(model: bytes, threads: int | None, provider: str = "CPUExecutionProv
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    threads = timing_threads(threads)
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -257,6 +258,7 @@ class OpTimer:
     ) -> None:
         import onnxruntime as ort
 
+        threads = timing_threads(threads)
         self.batch, self.threads, self.provider, self.runs = batch, threads, provider, runs
         self.runtime = f"onnxruntime {ort.__version__} {provider} | {_cpu_name()} | threads {threads or 'default'}"
         self.cache_path = cache_path or default_cache_path()

@@ -56,6 +56,12 @@ class LatencyResult(BaseModel):
         description="of the `runs` interleaved pairs, how many ran slower than gates.min_speedup "
         "allows (the gate's sign test; null when the gate is off)",
     )
+    threads: str | None = Field(
+        default=None,
+        description="onnxruntime intra-op threads of the timing: '1 thread' (the default: two "
+        "sessions' thread pools timed alternately compete, which made multi-threaded ratios "
+        "noise on small models), 'N threads' or 'all cores' (`--ort-threads`)",
+    )
 
 
 class LayerRow(BaseModel):
@@ -319,7 +325,13 @@ def render_markdown(report: Report) -> str:
         "MACs: Conv/ConvTranspose/Gemm/MatMul multiply-accumulates per sample, counted on the ONNX graphs. "
         "Accuracy: the exported ONNX in onnxruntime on the test split"
         + (f" ({report.accuracy.samples} samples)." if report.accuracy else "."),
-        "Latency: onnxruntime CPU, the two models timed alternately, median of "
+        "Latency: onnxruntime CPU"
+        + (
+            f" ({report.latency_ms[0].threads})"
+            if report.latency_ms and report.latency_ms[0].threads
+            else ""
+        )
+        + ", the two models timed alternately, median of "
         f"{report.latency_ms[0].runs if report.latency_ms else 0} runs after warm-up.",
     ]
     if report.sweep:
