@@ -91,6 +91,7 @@ def test_latency_target_search_agrees_with_independent_measurement(cnn_job, tmp_
     assert report.macs.ratio < 0.9  # the latency was bought by removing channels
     lat32 = next(lat for lat in report.latency_ms if lat.batch_size == 32)
     assert achieved == pytest.approx(lat32.after / lat32.before, rel=1e-3)
+    assert all(lat.threads == "1 thread" for lat in report.latency_ms)
     # Default widths are measured per group and recorded; per-layer latency is reported.
     widths = report.method_details["latency_widths"]
     assert widths["batch"] == 32 and widths["per_group"]
@@ -520,3 +521,39 @@ def test_a_slower_first_allocation_is_replaced_by_one_that_is_not_slower():
     kept, details = _choose(timer)
     assert kept == "coarse" and timer.against == []
     assert details["checks"][0]["slower"] and not details["checks"][1]["slower"]
+
+
+def test_latency_is_timed_with_one_thread_unless_the_job_asks_for_more(cnn_job, monkeypatch):
+    """Two sessions timed alternately each keep a thread pool; one's pool still spins while
+    the other runs, so multi-threaded ratios of small models moved 0.66x-2.32x between runs
+    of one job. Every timing path (interleaved pairs, one-op profiles, whole-network timer)
+    runs one intra-op thread by default; 0 asks for onnxruntime's default (all cores)."""
+    from engine import export
+    from engine.latency import ops
+
+    model_bytes = cnn_job[0].read_bytes()
+    threads_of = lambda n: ops.session(model_bytes, n).get_session_options().intra_op_num_threads  # noqa: E731
+    assert threads_of(None) == 1
+    assert threads_of(3) == 3
+    assert threads_of(0) == 0  # onnxruntime picks (one per physical core)
+    assert export.threads_label(None) == "1 thread"
+    assert export.threads_label(0) == "all cores"
+    assert export.threads_label(4) == "4 threads"
+    assert "threads 1" in ops.OpTimer(cache_path=Path("/nonexistent/x.json")).runtime
+
+    seen: list[int | None] = []
+    real = export.ort_session
+
+    def spy(payload, threads=None):
+        seen.append(threads)
+        return real(payload, threads=threads)
+
+    monkeypatch.setattr(export, "ort_session", spy)
+    x = np.zeros((1, 3, 16, 16), np.float32)
+    for asked in (None, 0, 2):
+        seen.clear()
+        a, b = export.interleaved_latency(
+            model_bytes, model_bytes, "input", "input", x, 1, runs=3, threads=asked
+        )
+        assert seen[-2:] == [{None: 1, 0: None, 2: 2}[asked]] * 2, (asked, seen)
+        assert a.runs >= 3 and b.runs >= 3
