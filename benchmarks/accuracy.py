@@ -2,7 +2,7 @@
 method vs Torch-Pruning by hand, at the same budget and the same recovery epochs.
 
     .venv/bin/python -m benchmarks.accuracy [--models a,b] [--targets 0.5,0.25] [--epochs 3]
-        [--configs old,new,auto,...] [--threads 1]
+        [--configs old,new,auto,...] [--threads 1] [--seed 0]
 
 For every zoo model (sklearn digits, opset 17) and MACs target, each configuration runs the
 engine's own stages — load and analyse once per model, then the prune stage as a job runs it
@@ -55,10 +55,10 @@ from pathlib import Path
 
 import torch
 
+import benchmarks.common as common
 from benchmarks.common import (
     CHOSEN_LR,
     RECOVERY,
-    SEED,
     Baseline,
     fmt,
     grid_parser,
@@ -195,7 +195,7 @@ def spec_for(cfg: Config, target: float, epochs: int) -> JobSpec:
             "distill": cfg.distill,
         },
         schedule={"steps": cfg.steps},
-        seed=SEED,
+        seed=common.SEED,
     )
 
 
@@ -266,7 +266,12 @@ def bench_tp(name: str, base: Baseline, target: float, epochs: int) -> Row:
         with torch.no_grad():
             pruned(prep.data.x_test[:4])
         train.train(
-            pruned, prep.data, epochs=epochs, seed=SEED, device=torch.device("cpu"), **RECOVERY
+            pruned,
+            prep.data,
+            epochs=epochs,
+            seed=common.SEED,
+            device=torch.device("cpu"),
+            **RECOVERY,
         )
         measure(row, base, pruned.cpu().eval())
     except Exception as exc:
@@ -315,6 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(
             "--threads", type=int, default=1, help="torch threads (the machine is shared)"
         )
+        p.add_argument(
+            "--seed",
+            type=int,
+            default=0,
+            help="the jobs' seed (validation split, calibration, recovery order); the zoo's "
+            "trained models do not change. Runs at several seeds show a cell's spread",
+        )
 
     p = grid_parser(__doc__, 3, "recovery epochs, the same for every configuration", own)
     args = parse_grid(p, argv)
@@ -327,6 +339,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    common.SEED = args.seed
 
     def cells(name: str, _m: Path, _d: Path, base: Baseline, target: float) -> Iterator[list[Row]]:
         for label in args.configs:
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     run_grid(
         args,
         f"{machine()}, {args.threads} torch thread(s), targets {args.targets}, "
-        f"recovery {args.epochs} epoch(s)",
+        f"recovery {args.epochs} epoch(s), seed {args.seed}",
         "accuracy.md",
         lambda rows: (render(rows), summary(rows)),
         lambda name, error: Row(name, 0.0, "(all)", note=error),

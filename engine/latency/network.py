@@ -396,11 +396,17 @@ def ensure_faster(
     if best is not first:
         first_txt = ", ".join(f"batch {b} {s:.2f}x" for b, s in _medians(samples).items())
         best_txt = ", ".join(f"batch {b} {s:.2f}x" for b, s in _medians(best_s).items())
+        rule = (
+            "the first allocation was slower than the original, so the first candidate not "
+            "slower by the sign test (or the one whose slowest batch size gained most) was kept"
+            if slower(samples)
+            else "a network as fast as the original is replaced only by one faster head to head "
+            f"by {BETTER_BY:.0%} at some batch size and slower at none, by the sign test"
+        )
         notes.append(
             f"widths chosen by whole-network timing: the first allocation measured {first_txt} against "
             f"the original; {', '.join(str(h['widths']) for h in history[1:])} tried, and "
             f"{best_cfg[0]} kept ({best_txt}; medians of at least {timer.runs} interleaved pairs; "
-            "a network as fast as the original is replaced only by one faster head to head by "
-            f"{BETTER_BY:.0%} at some batch size and slower at none, by the sign test)"
+            f"{rule})"
         )
     return best, {"checks": history, "kept": best_cfg[0]}

@@ -474,13 +474,14 @@ class _PairTimer:
         return {b: self.head_to_head[(net.decode(), against.decode())][b] for b in batches}
 
 
-def _choose(timer: _PairTimer) -> tuple[str, dict]:
+def _choose(timer: _PairTimer, notes: list[str] | None = None) -> tuple[str, dict]:
     from types import SimpleNamespace
 
     from engine.latency.network import ensure_faster
 
     lat = SimpleNamespace(mode="measured", skip=set(), groups={})
-    return ensure_faster(lat, timer, lambda: lat.mode, "measured", lambda r: r, (1, 32), [])
+    notes = [] if notes is None else notes
+    return ensure_faster(lat, timer, lambda: lat.mode, "measured", lambda r: r, (1, 32), notes)
 
 
 def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
@@ -501,8 +502,10 @@ def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
     # Faster head to head at batch 32 beyond chance and no slower at batch 1: coarse is kept.
     faster = {1: _pairs(1.01, 11, 0.99), 32: _pairs(1.20, 18, 0.98)}
     timer = _PairTimer(vs_original, {("coarse", "measured"): faster})
-    kept, details = _choose(timer)
+    notes: list[str] = []
+    kept, details = _choose(timer, notes)
     assert kept == "coarse" and details["kept"] == "coarse"
+    assert len(notes) == 1 and "faster head to head by 3%" in notes[0], notes
 
     # 5% faster by the median but only 12 of 20 pairs: noise, measured stays.
     noisy = {1: _pairs(1.05, 12, 0.97), 32: _pairs(1.05, 12, 0.97)}
@@ -518,9 +521,13 @@ def test_a_slower_first_allocation_is_replaced_by_one_that_is_not_slower():
         "coarse": {1: _pairs(1.02, 11, 0.99), 32: _pairs(1.10, 18, 0.98)},
     }
     timer = _PairTimer(vs_original, {})
-    kept, details = _choose(timer)
+    notes: list[str] = []
+    kept, details = _choose(timer, notes)
     assert kept == "coarse" and timer.against == []
     assert details["checks"][0]["slower"] and not details["checks"][1]["slower"]
+    # The note gives the rescue's rule, not the head-to-head one it did not apply.
+    assert len(notes) == 1 and "was slower than the original" in notes[0], notes
+    assert "head to head" not in notes[0]
 
 
 def test_latency_is_timed_with_one_thread_unless_the_job_asks_for_more(cnn_job, monkeypatch):
