@@ -153,6 +153,14 @@ class Settings(BaseSettings):
     progress_min_interval_s: float = Field(
         default=0.5, description="Throttle of progress writes to the database."
     )
+    latency_threads: int | None = Field(
+        default=None,
+        ge=0,
+        description="onnxruntime intra-op threads the worker times latency with (one-op "
+        "profiles, whole-network choices, the report). null: 1, the engine's default (two "
+        "sessions' thread pools timed alternately compete, so multi-threaded ratios of small "
+        "models are noise); 0: onnxruntime's default, one per core; N: N threads.",
+    )
 
     # --- SSE
     events_poll_interval_s: float = 0.5

@@ -256,6 +256,7 @@ def _run_engine(rt: Runtime, claim: lifecycle.Claim, reporter: JobReporter, out:
         progress=reporter,
         eval_data_path=eval_path,
         catalog=registry,
+        latency_threads=rt.settings.latency_threads,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -564,3 +565,40 @@ def test_latency_is_timed_with_one_thread_unless_the_job_asks_for_more(cnn_job, 
         )
         assert seen[-2:] == [{None: 1, 0: None, 2: 2}[asked]] * 2, (asked, seen)
         assert a.runs >= 3 and b.runs >= 3
+
+
+def test_the_worker_times_latency_with_the_threads_its_settings_name(tmp_path, monkeypatch):
+    """PRUNERY_LATENCY_THREADS reaches the engine from a Celery worker (null: the engine's
+    one thread); a negative count is refused when the settings load."""
+    import engine
+    from core.settings import Settings
+    from worker import runner
+
+    monkeypatch.setenv("PRUNERY_LATENCY_THREADS", "0")
+    assert Settings().latency_threads == 0
+    monkeypatch.delenv("PRUNERY_LATENCY_THREADS")
+    assert Settings().latency_threads is None
+    with pytest.raises(ValidationError):
+        Settings(latency_threads=-1)
+
+    seen: dict = {}
+
+    def fake_run(spec, model_path, data_path, out, **kwargs):
+        seen.update(kwargs)
+        return "report"
+
+    monkeypatch.setattr(engine, "run", fake_run)
+    monkeypatch.setattr(runner, "_fetch", lambda _rt, _key, dest: dest)
+    claim = SimpleNamespace(
+        spec=JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5}).model_dump(mode="json"),
+        model=("m1", "models/m1", ".onnx"),
+        dataset=("d1", "datasets/d1", ".npz"),
+        eval_dataset=None,
+    )
+    for threads in (None, 0, 3):
+        rt = SimpleNamespace(
+            settings=Settings(worker_cache_dir=tmp_path / str(threads), latency_threads=threads)
+        )
+        out = tmp_path / f"out{threads}"
+        assert runner._run_engine(rt, claim, lambda *a: None, out) == "report"
+        assert seen["latency_threads"] == threads
