@@ -148,7 +148,7 @@ MAX_RUNS_FACTOR = 20
 # One thread by default: with a thread pool per session, two sessions timed alternately
 # compete (one's pool still spins while the other runs), and on the 2-core machine the same
 # pruned mixer measured 0.66x, 0.93x and 2.32x the original at batch 1 in three runs of one
-# job (0.75-1.28x with nothing else running), so the whole-network width choice, the
+# job (1.10-1.28x in a quiet process), so the whole-network width choice, the
 # never-slower check and latency targets chose on noise. One thread: 1.183x, 1.184x, 1.188x.
 # `threads=0` asks for onnxruntime's default (one thread per physical core).
 DEFAULT_TIMING_THREADS = 1
