@@ -1,0 +1,132 @@
+"""Benchmark: how repeatable are the engine's latency measurements, by onnxruntime threads?
+
+    .venv/bin/python -m benchmarks.timing [--models mixer,vit] [--method channel_regression]
+                                          [--target 0.25] [--repeats 3] [--threads 1,0]
+
+Two tables, one per question (0 threads = onnxruntime's default, one per core):
+
+* **A job's whole-network choice, run again.** For each model and thread count, the pipeline's
+  prune stage (`engine.stages.prune`: measured widths, then the coarse set timed against the
+  original and head to head) runs `--repeats` times on the same zoo model, method and MACs
+  target. Each row gives the speedups (batch 1 / 32) it measured for both width sets and the
+  set it kept. Nothing but the timing differs between repeats, so the spread is the
+  measurement's.
+* **One model against itself.** The original zoo model is timed against a second session of
+  itself in `engine.export.interleaved_latency`'s ABBA order (`--pairs` pairs). The true ratio
+  is 1; the medians of the even pairs (A first) and the odd pairs (B first) show whether one
+  session's thread pool, still spinning, slows the other's next run.
+
+Prints Markdown; never asserts. The zoo models come from the zoo cache (trained once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.accuracy import config, spec_for
+from benchmarks.common import SEED, machine, prepare_model, zoo_models
+from engine import export as export_mod
+from engine.stages import prune
+from methods import registry
+
+
+def _speedups(check: dict) -> str:
+    s = check.get("speedup")
+    return "/".join(f"{v:.2f}" for v in s.values()) + "x" if s else "failed"
+
+
+def whole_network(args: argparse.Namespace) -> list[str]:
+    lines = [
+        "| model | onnxruntime threads | repeat | measured widths b1/b32 | coarse widths b1/b32 "
+        "| coarse head to head | kept |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for name, model_path, data_path in zoo_models(args.models):
+        base = prepare_model(model_path, data_path)
+        spec = spec_for(config(args.method, 3), args.target, 3)
+        for threads in args.threads:
+            for r in range(args.repeats):
+                torch.manual_seed(SEED)
+                prep = base.prep.rebind(spec, registry)
+                checks = prune(prep, lambda _f, _m: None, latency_threads=threads).speed_checks
+                rows = {c["widths"]: c for c in checks.get("checks", [])}
+                measured = rows.get("measured", {})
+                coarse = rows.get("coarse", {})
+                h2h = coarse.get("vs_kept")
+                lines.append(
+                    f"| {name} | {export_mod.threads_label(threads)} | {r + 1} "
+                    f"| {_speedups(measured) if measured else '-'} "
+                    f"| {_speedups(coarse) if coarse else '-'} "
+                    f"| {'/'.join(f'{v:.2f}' for v in h2h.values()) + 'x' if h2h else '-'} "
+                    f"| {checks.get('kept', 'first')} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def against_itself(args: argparse.Namespace) -> list[str]:
+    lines = [
+        "| model | onnxruntime threads | batch | ms (A) | median ratio B/A | even pairs (A first) "
+        "| odd pairs (B first) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, model_path, _data in zoo_models(args.models):
+        model = model_path.read_bytes()
+        base = prepare_model(model_path, _data)
+        input_name = base.prep.loaded.model.input_name
+        sample = base.prep.data.x_test[:32].numpy()
+        for threads in args.threads:
+            for bs in (1, 32):
+                a, b = export_mod.interleaved_latency(
+                    model,
+                    model,
+                    input_name,
+                    input_name,
+                    sample,
+                    bs,
+                    runs=args.pairs,
+                    threads=threads,
+                )
+                ratios = [tb / ta for ta, tb in zip(a.times_ms, b.times_ms, strict=True) if ta > 0]
+                lines.append(
+                    f"| {name} | {export_mod.threads_label(threads)} | {bs} | {a.median_ms:.4f} "
+                    f"| {statistics.median(ratios):.2f} | {statistics.median(ratios[0::2]):.2f} "
+                    f"| {statistics.median(ratios[1::2]):.2f} |"
+                )
+                print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="mixer,vit")
+    p.add_argument("--method", default="channel_regression")
+    p.add_argument("--target", type=float, default=0.25, help="MACs fraction to keep")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=200, help="pairs of the self-timing")
+    p.add_argument(
+        "--threads", default="1,0", help="onnxruntime intra-op threads to compare (0: all cores)"
+    )
+    p.add_argument("--torch-threads", type=int, default=2)
+    args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    args.threads = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(args.torch_threads)
+    np.random.seed(SEED)
+    t0 = time.perf_counter()
+    print(" ".join(sys.argv))
+    print(f"{machine()}, torch threads {args.torch_threads}, {args.method} at {args.target} MACs\n")
+    print("\n".join(whole_network(args)))
+    print()
+    print("\n".join(against_itself(args)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
