@@ -150,6 +150,8 @@ MAX_RUNS_FACTOR = 20
 # pruned mixer measured 0.66x, 0.93x and 2.32x the original at batch 1 in three runs of one
 # job (1.10-1.28x in a quiet process), so the whole-network width choice, the
 # never-slower check and latency targets chose on noise. One thread: 1.183x, 1.184x, 1.188x.
+# `python -m benchmarks.timing` measures it again (a model against itself in ABBA order:
+# 1.22 in the pairs it ran first, 0.83 in those it ran second, with all cores; 1.00 / 1.00).
 # `threads=0` asks for onnxruntime's default (one thread per physical core).
 DEFAULT_TIMING_THREADS = 1
 
