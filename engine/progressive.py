@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from core.errors import BadSpec
-from engine import recovery
+from engine import heads, recovery
 from engine.graph import ChannelGroup
+from engine.heads import blocks_of
 from engine.method import MethodResult, PruneContext
 
 # Methods that score channels of ctx.groups and cut them with ctx.prune_to_budget, so they can
@@ -28,6 +29,10 @@ STEPPABLE = ("l1_norm", "taylor", "random", "thinet", "channel_regression")
 
 
 def _width(model: nn.Module, name: str) -> int:
+    """A group's width in the network pruned so far: a head group's remaining heads (kept
+    on the pruned copy by the head surgery), else its producer's output channels."""
+    if heads.is_head_group(name):
+        return blocks_of(model)[name].heads
     m = model.get_submodule(name)
     return int(getattr(m, "out_channels", None) or cast(int, m.out_features))
 

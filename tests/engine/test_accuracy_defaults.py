@@ -248,6 +248,30 @@ def test_progressive_steps_reach_the_target_with_the_epochs_shared_out():
     assert [h["recovery_epochs"] for h in hist] == [1.0, 1.0, 0.0]
 
 
+def test_progressive_steps_cut_attention_heads_step_by_step(zoo_model, digits_npz):
+    """Each step re-reads every group's width from the network pruned so far; a head group's
+    width is its remaining heads (the ViT's `...proj/Linear#heads` is not a module: the second
+    step used to fail with AttributeError)."""
+    from engine.heads import heads_of
+    from engine.prepare import prepare
+    from engine.stages import prune
+
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.5},
+        recovery={"epochs": 2, "lr": 1e-3},
+        schedule={"steps": 2},
+    )
+    prep = prepare(spec, zoo_model("vit"), digits_npz, catalog=registry, device="cpu")
+    assert any(g.name.endswith("#heads") for g in prep.analysis.groups)
+    pruned = prune(prep, lambda _f, _m: None)
+    hist = pruned.result.details["progressive"]["history"]
+    assert [h["step"] for h in hist] == [1, 2] and hist[0]["kept"] > hist[1]["kept"]
+    assert abs(pruned.costs.macs / prep.base_costs.macs - 0.5) <= 0.01
+    before, after = heads_of(prep.module), heads_of(pruned.model)
+    assert set(before) == set(after) and all(after[k] <= before[k] for k in before)
+
+
 def test_distillation_is_on_by_default_and_switchable_off():
     on = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
     off = JobSpec(
