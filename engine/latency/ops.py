@@ -258,9 +258,10 @@ class OpTimer:
     ) -> None:
         import onnxruntime as ort
 
-        threads = timing_threads(threads)
+        # `threads` as asked (None: the default, 0: all cores); `session` resolves it. Resolving
+        # it here too would turn 0 -> None into the one-thread default there.
         self.batch, self.threads, self.provider, self.runs = batch, threads, provider, runs
-        self.runtime = f"onnxruntime {ort.__version__} {provider} | {_cpu_name()} | threads {threads or 'default'}"
+        self.runtime = f"onnxruntime {ort.__version__} {provider} | {_cpu_name()} | threads {timing_threads(threads) or 'default'}"
         self.cache_path = cache_path or default_cache_path()
         self.timed = 0
         self.cached = 0

@@ -548,6 +548,8 @@ def test_latency_is_timed_with_one_thread_unless_the_job_asks_for_more(cnn_job, 
     assert export.threads_label(0) == "all cores"
     assert export.threads_label(4) == "4 threads"
     assert "threads 1" in ops.OpTimer(cache_path=Path("/nonexistent/x.json")).runtime
+    all_cores = ops.OpTimer(threads=0, cache_path=Path("/nonexistent/x.json"))
+    assert "threads default" in all_cores.runtime and threads_of(all_cores.threads) == 0
 
     seen: list[int | None] = []
     real = export.ort_session
