@@ -26,11 +26,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.accuracy import config, spec_for
-from benchmarks.common import SEED, machine, prepare_model, zoo_models
+from benchmarks.common import SEED, Baseline, machine, prepare_model, zoo_models
 from engine import export as export_mod
 from engine.stages import prune
 from methods import registry
@@ -41,65 +40,58 @@ def _speedups(check: dict) -> str:
     return "/".join(f"{v:.2f}" for v in s.values()) + "x" if s else "failed"
 
 
-def whole_network(args: argparse.Namespace) -> list[str]:
-    lines = [
-        "| model | onnxruntime threads | repeat | measured widths b1/b32 | coarse widths b1/b32 "
-        "| coarse head to head | kept |",
-        "|---|---|---:|---|---|---|---|",
-    ]
-    for name, model_path, data_path in zoo_models(args.models):
-        base = prepare_model(model_path, data_path)
-        spec = spec_for(config(args.method, 3), args.target, 3)
-        for threads in args.threads:
-            for r in range(args.repeats):
-                torch.manual_seed(SEED)
-                prep = base.prep.rebind(spec, registry)
-                checks = prune(prep, lambda _f, _m: None, latency_threads=threads).speed_checks
-                rows = {c["widths"]: c for c in checks.get("checks", [])}
-                measured = rows.get("measured", {})
-                coarse = rows.get("coarse", {})
-                h2h = coarse.get("vs_kept")
-                lines.append(
-                    f"| {name} | {export_mod.threads_label(threads)} | {r + 1} "
-                    f"| {_speedups(measured) if measured else '-'} "
-                    f"| {_speedups(coarse) if coarse else '-'} "
-                    f"| {'/'.join(f'{v:.2f}' for v in h2h.values()) + 'x' if h2h else '-'} "
-                    f"| {checks.get('kept', 'first')} |"
-                )
-                print(lines[-1], file=sys.stderr, flush=True)
+WHOLE_NETWORK = [
+    "| model | onnxruntime threads | repeat | measured widths b1/b32 | coarse widths b1/b32 "
+    "| coarse head to head | kept |",
+    "|---|---|---:|---|---|---|---|",
+]
+AGAINST_ITSELF = [
+    "| model | onnxruntime threads | batch | ms (A) | median ratio B/A | even pairs (A first) "
+    "| odd pairs (B first) |",
+    "|---|---|---:|---:|---:|---:|---:|",
+]
+
+
+def whole_network(args: argparse.Namespace, name: str, base: Baseline) -> list[str]:
+    """The prune stage `--repeats` times per thread count: both width sets' speedups."""
+    lines = []
+    spec = spec_for(config(args.method, 3), args.target, 3)
+    for threads in args.threads:
+        for r in range(args.repeats):
+            torch.manual_seed(SEED)
+            prep = base.prep.rebind(spec, registry)
+            checks = prune(prep, lambda _f, _m: None, latency_threads=threads).speed_checks
+            rows = {c["widths"]: c for c in checks.get("checks", [])}
+            measured, coarse = rows.get("measured", {}), rows.get("coarse", {})
+            h2h = coarse.get("vs_kept")
+            lines.append(
+                f"| {name} | {export_mod.threads_label(threads)} | {r + 1} "
+                f"| {_speedups(measured) if measured else '-'} "
+                f"| {_speedups(coarse) if coarse else '-'} "
+                f"| {'/'.join(f'{v:.2f}' for v in h2h.values()) + 'x' if h2h else '-'} "
+                f"| {checks.get('kept', 'first')} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
 
-def against_itself(args: argparse.Namespace) -> list[str]:
-    lines = [
-        "| model | onnxruntime threads | batch | ms (A) | median ratio B/A | even pairs (A first) "
-        "| odd pairs (B first) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, model_path, _data in zoo_models(args.models):
-        model = model_path.read_bytes()
-        base = prepare_model(model_path, _data)
-        input_name = base.prep.loaded.model.input_name
-        sample = base.prep.data.x_test[:32].numpy()
-        for threads in args.threads:
-            for bs in (1, 32):
-                a, b = export_mod.interleaved_latency(
-                    model,
-                    model,
-                    input_name,
-                    input_name,
-                    sample,
-                    bs,
-                    runs=args.pairs,
-                    threads=threads,
-                )
-                ratios = [tb / ta for ta, tb in zip(a.times_ms, b.times_ms, strict=True) if ta > 0]
-                lines.append(
-                    f"| {name} | {export_mod.threads_label(threads)} | {bs} | {a.median_ms:.4f} "
-                    f"| {statistics.median(ratios):.2f} | {statistics.median(ratios[0::2]):.2f} "
-                    f"| {statistics.median(ratios[1::2]):.2f} |"
-                )
-                print(lines[-1], file=sys.stderr, flush=True)
+def against_itself(args: argparse.Namespace, name: str, model: bytes, base: Baseline) -> list[str]:
+    """The original against a second session of itself, per thread count and batch size."""
+    lines = []
+    input_name = base.prep.loaded.model.input_name
+    sample = base.prep.data.x_test[:32].numpy()
+    for threads in args.threads:
+        for bs in (1, 32):
+            a, b = export_mod.interleaved_latency(
+                model, model, input_name, input_name, sample, bs, runs=args.pairs, threads=threads
+            )
+            ratios = [tb / ta for ta, tb in zip(a.times_ms, b.times_ms, strict=True) if ta > 0]
+            lines.append(
+                f"| {name} | {export_mod.threads_label(threads)} | {bs} | {a.median_ms:.4f} "
+                f"| {statistics.median(ratios):.2f} | {statistics.median(ratios[0::2]):.2f} "
+                f"| {statistics.median(ratios[1::2]):.2f} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
 
@@ -118,13 +110,17 @@ def main(argv: list[str] | None = None) -> None:
     args.models = args.models.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
     torch.set_num_threads(args.torch_threads)
-    np.random.seed(SEED)
     t0 = time.perf_counter()
     print(" ".join(sys.argv))
     print(f"{machine()}, torch threads {args.torch_threads}, {args.method} at {args.target} MACs\n")
-    print("\n".join(whole_network(args)))
+    networks, itself = list(WHOLE_NETWORK), list(AGAINST_ITSELF)
+    for name, model_path, data_path in zoo_models(args.models):
+        base = prepare_model(model_path, data_path)  # load and analyse once per model
+        networks += whole_network(args, name, base)
+        itself += against_itself(args, name, model_path.read_bytes(), base)
+    print("\n".join(networks))
     print()
-    print("\n".join(against_itself(args)))
+    print("\n".join(itself))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
