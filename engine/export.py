@@ -146,12 +146,12 @@ MAX_RUNS_FACTOR = 20
 
 # onnxruntime intra-op threads of every latency measurement unless the job says otherwise.
 # One thread by default: with a thread pool per session, two sessions timed alternately
-# compete (one's pool still spins while the other runs), and on the 2-core machine the same
-# pruned mixer measured 0.66x, 0.93x and 2.32x the original at batch 1 in three runs of one
-# job (1.10-1.28x in a quiet process), so the whole-network width choice, the
-# never-slower check and latency targets chose on noise. One thread: 1.183x, 1.184x, 1.188x.
-# `python -m benchmarks.timing` measures it again (a model against itself in ABBA order:
-# 1.22 in the pairs it ran first, 0.83 in those it ran second, with all cores; 1.00 / 1.00).
+# compete (one's pool still spins while the other runs). `python -m benchmarks.timing` on the
+# 2-core machine: a model against itself in ABBA order measured 1.22 in the pairs it ran
+# first and 0.83 in those it ran second with all cores (1.00 / 1.00 on one thread), and three
+# runs of one ViT job measured its pruned widths at 0.98x, 1.20x and 1.39x the original at
+# batch 1 (one thread: 1.41x, 1.39x, 1.40x), so the whole-network width choice, the
+# never-slower check and latency targets chose on noise.
 # `threads=0` asks for onnxruntime's default (one thread per physical core).
 DEFAULT_TIMING_THREADS = 1
 
