@@ -109,7 +109,9 @@ def removal_order(
         for chunk in _chunks_for_group(group, order, step, max_ratio):
             removed += len(chunk)
             if allocation == "uniform":
-                key = removed / group.channels / weight + gi * 1e-9
+                # The chunk's middle: widths round to the nearest step, not always down (a
+                # 32-channel group with a step of 16 loses 16 at a 30% cut, not 0).
+                key = (removed - len(chunk) / 2) / group.channels / weight + gi * 1e-9
             elif allocation == "global":
                 key = float(s[chunk].max()) / mean / weight + gi * 1e-12
             else:
@@ -140,10 +142,12 @@ def search(
     tolerance: float = 0.01,
     split_last: bool = False,
     prefer: Sequence[str] = (),
+    widths: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> BudgetResult:
     """Binary search of the prefix of `chunks` whose removal keeps `target` of `metric`.
     `split_last`: when whole chunks straddle the tolerance, cut part of one group's next
-    chunk (see `_split_finish`; `prefer` orders the groups tried)."""
+    chunk (see `_split_finish`; `prefer` orders the groups tried; `widths` says which
+    partial cuts it may make)."""
 
     def kept_fraction(costs: Costs) -> float:
         return costs.macs / base.macs if metric == "flops" else costs.params / base.params
@@ -198,7 +202,7 @@ def search(
         found = _straddle_variant(model, example, chunks, lo, target, tolerance, kept_fraction)
         if found is None and split_last:
             found = _split_finish(
-                model, example, chunks, lo, target, tolerance, kept_fraction, prefer
+                model, example, chunks, lo, target, tolerance, kept_fraction, prefer, widths
             )
         if found is not None:
             best_plan, pruned, kept, costs = found
@@ -214,11 +218,20 @@ def _split_finish(
     tolerance: float,
     kept_fraction: Callable[[Costs], float],
     prefer: Sequence[str] = (),
+    widths: Mapping[str, tuple[int, int, int]] | None = None,
 ) -> tuple[Plan, nn.Module, float, Costs] | None:
     """Coarse (hardware-friendly) chunks straddle the target: remove only part of one
     group's next chunk — the lowest-scored channels of it, binary-searched — so exactly one
     group gets an off-step width and every other keeps its fast one. Groups named in
-    `prefer` (those whose measured time does not care about the width) are tried first."""
+    `prefer` (those whose measured time does not care about the width) are tried first.
+    `widths[group] = (channels, quantum, align)`: a partial cut removes a multiple of the
+    quantum (whole cells of a grouped conv) and leaves a width that is a multiple of align
+    (onnxruntime runs a conv whose input width is off its NCHWc alignment in the plain,
+    slower layout: one off-step width made a whole resnet stage slower than the original)."""
+    widths = widths or {}
+    removed: dict[str, int] = {}
+    for ch in chunks[:lo]:
+        removed[ch.group] = removed.get(ch.group, 0) + len(ch.idxs)
     rest: dict[str, list[int]] = {}  # each group's channels after the prefix, in its order
     first: dict[str, int] = {}
     for j, ch in enumerate(chunks[lo:], start=lo):
@@ -232,10 +245,18 @@ def _split_finish(
         if len(idxs) < 2 and name not in rank:
             continue
         ch = Chunk(name, idxs, chunks[first[name]].key)
-        lo_k, hi_k = 0, len(ch.idxs) + (name in rank)  # kept(lo_k) > target
+        channels, quantum, align = widths.get(name, (0, 1, 1))
+        left = channels - removed.get(name, 0)  # the group's width before the cut
+        ks = [
+            k
+            for k in range(1, len(ch.idxs) + (name in rank))
+            if k % max(quantum, 1) == 0 and (not channels or (left - k) % max(align, 1) == 0)
+        ]
+        lo_i, hi_i = -1, len(ks)  # kept(no cut) > target
         best: tuple[Plan, nn.Module, float, Costs] | None = None
-        while hi_k - lo_k > 1:
-            k = (lo_k + hi_k) // 2
+        while hi_i - lo_i > 1:
+            i = (lo_i + hi_i) // 2
+            k = ks[i]
             plan = plan_of([*chunks[:lo], Chunk(ch.group, ch.idxs[:k], ch.key)])
             try:
                 variant = prune_copy(model, example, plan)
@@ -247,9 +268,9 @@ def _split_finish(
                 best = (plan, variant, vkept, vcosts)
                 break
             if vkept > target:
-                lo_k = k
+                lo_i = i
             else:
-                hi_k = k
+                hi_i = i
         if best is not None:
             return best
     return None

@@ -22,7 +22,8 @@ The engine recovers (fine-tune or scratch), exports and verifies whatever comes 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -213,27 +214,58 @@ class PruneContext:
                 self.latency_timer,
                 progress=lambda f: self.progress(f, None),
                 tolerance=target.tolerance,
-                quanta={g.name: g.quantum for g in groups},
+                # whole cells of a grouped conv, and widths on the NCHWc alignment
+                quanta={
+                    g.name: math.lcm(
+                        g.quantum, lat.groups[g.name].align if lat and g.name in lat.groups else 1
+                    )
+                    for g in groups
+                },
             )
             return pruned, plan, {"allocation": allocation, **details}
         # Measured steps can straddle the tolerance: then one group (preferably one whose
         # time does not care about its width) takes an off-step width, the others keep theirs.
-        result = self._search_fraction(
-            model, chunks, split_last=lat is not None, prefer=lat.flat_groups() if lat else ()
-        )
+        result: budget.BudgetResult | None
+        try:
+            result = self._search_fraction(
+                model,
+                chunks,
+                split_last=lat is not None,
+                prefer=lat.flat_groups() if lat else (),
+                widths={
+                    g.name: (
+                        g.channels,
+                        g.quantum,
+                        lat.groups[g.name].align if lat and g.name in lat.groups else 1,
+                    )
+                    for g in groups
+                },
+            )
+        except budget.BudgetUnreachable:
+            # Whole steps keep at least one step of every group; finer steps may reach it.
+            if lat is None or lat.mode != "measured":
+                raise
+            result = None
         assert target.fraction is not None
         if (
             lat is not None
             and lat.mode == "measured"
-            and abs(result.kept - float(target.fraction)) > target.tolerance
+            and (result is None or abs(result.kept - float(target.fraction)) > target.tolerance)
         ):
-            # Still outside the tolerance: search again with steps of 1 (the widths then
-            # follow the budget, not the kernels).
+            # Still outside the tolerance (or out of reach): search again with the finest
+            # steps that keep onnxruntime's blocked conv layout (1 where it has none; the
+            # widths then follow the budget, not the kernels).
             lat.mode = "fine"
             chunks = budget.removal_order(
-                groups, scores, allocation, 1, max_layer_ratio, **lat.order_options()
+                groups,
+                scores,
+                allocation,
+                1,
+                max_layer_ratio,
+                **lat.order_options(weighted=False),
             )
             result = self._search_fraction(model, chunks)
+        assert result is not None
         return (
             result.model,
             result.plan,
@@ -250,6 +282,7 @@ class PruneContext:
         chunks: Sequence[budget.Chunk],
         split_last: bool = False,
         prefer: Sequence[str] = (),
+        widths: Mapping[str, tuple[int, int, int]] | None = None,
     ) -> budget.BudgetResult:
         """The budget search for a MACs or parameters fraction (the spec's target)."""
         target = self.spec.target
@@ -265,6 +298,7 @@ class PruneContext:
             tolerance=target.tolerance,
             split_last=split_last,
             prefer=prefer,
+            widths=widths,
         )
 
     def prune_plan(self, plan: budget.Plan, model: nn.Module | None = None) -> nn.Module:

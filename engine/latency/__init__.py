@@ -11,13 +11,22 @@ slower than one with a width that is a multiple of 8. So this module *measures*:
   runs interleaved across the widths being compared, median. Timings are cached on disk per
   (op shape, runtime version, execution provider, CPU, threads, batch) in
   `$PRUNERY_LATENCY_CACHE` (default `$PRUNERY_HOME/cache/latency.json`).
+* **The runtime's blocked layout** (`ops.nchwc_layout`). onnxruntime's CPU convolutions
+  work on NCHWc blocks of channels: 16 with AVX-512, 8 with AVX2, read from the runtime by
+  letting it optimize two tiny graphs (no timing). A conv's output is padded to whole
+  blocks; a pooling or residual add stays blocked only at a multiple of the block; a conv
+  whose input width is off the alignment (4) runs onnxruntime's plain NCHW kernel, slower
+  than the uncut blocked one. So a group's coarse step S is at least the block once the
+  group spans two blocks, and no conv group's width leaves the alignment.
 * **Per-group steps (the "fast set").** For each prunable group of width c, the group's
   layers (producers with w output channels, consumers with w input channels, depthwise
-  layers with w of both) are timed at 4 widths: c, m (a multiple of the big step S near
-  c/2), m+1 and m+S/2. Time between m and c is close to linear in the width for a kernel
-  without blocking; a width is "fast" when it costs no more than that line (plus noise).
-  The group's step is the smallest of (1, S/2, S) whose probe width is fast: its widths are
-  then multiples of that step. Cost: at most 4 one-op timings per layer and group.
+  layers with w of both) are timed at 4 widths: c, m (a multiple of the probe step P near
+  c/2; P = S, or the GEMM panel of 8 for a conv group narrower than two blocks), m+1 and
+  m+P/2. Time between m and c is close to linear in the width for a kernel without
+  blocking; a width is "fast" when it costs no more than that line (plus noise). The
+  group's step is the smallest of (1, P/2, P) whose probe width is fast, and at least the
+  alignment: its widths are then multiples of that step. Cost: at most 4 one-op timings per
+  layer and group. Uniform allocation rounds each group's cut to the nearest step.
 * **Latency-aware allocation.** The same timings give each group's measured time saved per
   MAC removed; dividing the removal order's keys by its square root (normalised to the
   median group, clipped to [1/2, 2]) makes the budget go where it buys the most time.

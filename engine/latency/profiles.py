@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from engine.graph import ChannelGroup
-from engine.latency.ops import NOISE_ABS_US, NOISE_REL, WEIGHT_MAX, OpSig, OpTimer, layer_sigs
+from engine.latency.ops import (
+    NOISE_ABS_US,
+    NOISE_REL,
+    WEIGHT_MAX,
+    OpSig,
+    OpTimer,
+    layer_sigs,
+    nchwc_layout,
+)
 
 # ------------------------------------------------------------------ group profiles
 
@@ -27,6 +35,8 @@ class GroupProfile:
     macs: dict[int, int]
     weight: float = 1.0  # measured time saved per MAC, relative to the median group
     matmul_only: bool = False  # every layer is a Linear/MatMul (no blocked conv layouts)
+    big: int = 1  # the coarse step S (widths in whole NCHWc blocks / GEMM panels)
+    align: int = 1  # any width of the group is a multiple of it (NCHWc conv input alignment)
 
     @property
     def time_per_mac(self) -> float | None:
@@ -62,8 +72,26 @@ def _at_width(layers: list[tuple[OpSig, bool, bool]], channels: int, width: int)
     return out
 
 
-def _big_step(channels: int) -> int:
-    return 16 if channels >= 48 else 8 if channels >= 16 else 1
+def _big_step(channels: int, block: int = 1, matmul_only: bool = False) -> int:
+    """The coarse step S of a group: GEMM panels of 8/16 columns, and for groups with convs
+    at least the runtime's NCHWc block (`ops.nchwc_layout`): with a smaller step, widths
+    between blocks are padded up to the next one and the layout breaks around pooling and
+    residual adds."""
+    panel = 16 if channels >= 48 else 8 if channels >= 16 else 1
+    if matmul_only or block <= 1 or channels < block:
+        return panel
+    return max(panel, block)
+
+
+def _probe_step(channels: int, big: int, block: int) -> int:
+    """The step the per-layer probe starts from. A conv group narrower than two blocks has
+    no width between "uncut" and "one block" on the block grid; its probe starts from the
+    GEMM panel instead, so the measured widths keep a finer choice (densenet's 16-channel
+    growth layers left uncut put the whole cut on the others: -31 points at a quarter of the
+    MACs) and the coarse widths (`LatencyProfile.mode == "coarse"`) keep the block grid."""
+    if block > 1 and channels < 2 * block:
+        return min(big, 16 if channels >= 48 else 8 if channels >= 16 else 1)
+    return big
 
 
 @dataclass
@@ -78,6 +106,8 @@ class LatencyProfile:
     ops_timed: int
     ops_cached: int
     timer: OpTimer | None = field(default=None, repr=False)
+    block: int = 1  # onnxruntime's NCHWc channel block on this CPU (1: none)
+    align: int = 1  # and the input-channel alignment of its blocked convs
     # Set by the never-slower loop: "measured" (default), "coarse" (step S everywhere), plus
     # groups left uncut because their time hardly falls with width.
     mode: str = "measured"
@@ -85,9 +115,9 @@ class LatencyProfile:
 
     def steps(self) -> dict[str, int]:
         if self.mode == "coarse":
-            return {n: max(g.step, _big_step(g.channels)) for n, g in self.groups.items()}
+            return {n: max(g.step, g.big) for n, g in self.groups.items()}
         if self.mode == "fine":
-            return {n: 1 for n in self.groups}
+            return {n: g.align for n, g in self.groups.items()}
         return {n: g.step for n, g in self.groups.items()}
 
     def weights(self) -> dict[str, float]:
@@ -116,6 +146,8 @@ class LatencyProfile:
             counts[s] = counts.get(s, 0) + 1
         return {
             "runtime": self.runtime,
+            "nchwc_block": self.block,
+            "nchwc_align": self.align,
             "batch": self.batch,
             "mode": self.mode,
             "steps": {str(k): v for k, v in sorted(counts.items())},
@@ -147,19 +179,23 @@ def profile(
     t0 = time.perf_counter()
     timer = timer or OpTimer(batch=batch, threads=threads)
     sigs = layer_sigs(model, example)
+    block, align = nchwc_layout(timer.provider)
     out: dict[str, GroupProfile] = {}
     for gi, g in enumerate(groups):
         if progress:
             progress(gi / max(len(groups), 1))
         layers = _group_layers(model, g, sigs)
         c = g.channels
-        big = _big_step(c)
         mm = bool(layers) and all(sig.kind == "matmul" for sig, _o, _i in layers)
-        if not layers or big == 1:
-            out[g.name] = GroupProfile(g.name, c, 1, {}, {}, matmul_only=mm)
+        big = _big_step(c, block, mm)
+        # Widths of a conv group off the alignment make its consumers fall back to plain NCHW.
+        al = align if layers and not mm and block > 1 and c >= block else 1
+        probe = _probe_step(c, big, block)
+        if not layers or probe == 1:
+            out[g.name] = GroupProfile(g.name, c, al, {}, {}, matmul_only=mm, big=big, align=al)
             continue
-        m = max(big, int(round(c / 2 / big)) * big)
-        half = big // 2
+        m = max(probe, int(round(c / 2 / probe)) * probe)
+        half = probe // 2
         widths = sorted({w for w in (c, m, m + 1, m + half) if 0 < w <= c})
         per = {w: _at_width(layers, c, w) for w in widths}
         flat = [s for w in widths for s in per[w]]
@@ -170,7 +206,7 @@ def profile(
             times[w] = float(sum(ts[k : k + n]))
             macs[w] = int(sum(s.macs() for s in per[w]))
             k += n
-        step = big
+        step = probe
         if c > m:
             slope = (times[c] - times[m]) / (c - m)
             for s, probe in ((1, m + 1), (half, m + half)):
@@ -180,7 +216,8 @@ def profile(
                 if times[probe] <= line + NOISE_REL * times[m] + NOISE_ABS_US:
                     step = s
                     break
-        out[g.name] = GroupProfile(g.name, c, step, times, macs, matmul_only=mm)
+        step = max(step, al)
+        out[g.name] = GroupProfile(g.name, c, step, times, macs, matmul_only=mm, big=big, align=al)
     rates = [r for r in (p.time_per_mac for p in out.values()) if r is not None and r > 0]
     med = statistics.median(rates) if rates else 0.0
     for prof in out.values():
@@ -196,6 +233,8 @@ def profile(
         ops_timed=timer.timed,
         ops_cached=timer.cached,
         timer=timer,
+        block=block,
+        align=align,
     )
 
 

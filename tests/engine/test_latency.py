@@ -120,7 +120,7 @@ def test_measured_steps_are_cached_per_shape(tmp_path):
     )
     assert first.ops_timed > 0
     for name, g in first.groups.items():
-        assert g.step in (1, 8, 16), name
+        assert g.step in (1, 4, 8, 16), name
         assert set(g.times_us) >= {g.channels} and all(t > 0 for t in g.times_us.values())
         assert 0.5 <= g.weight <= 2.0
     second = latency.profile(
@@ -604,3 +604,152 @@ def test_the_worker_times_latency_with_the_threads_its_settings_name(tmp_path, m
         out = tmp_path / f"out{threads}"
         assert runner._run_engine(rt, claim, lambda *a: None, out) == "report"
         assert seen["latency_threads"] == threads
+
+
+def test_nchwc_layout_is_read_from_the_runtime():
+    """onnxruntime's NCHWc block is 16 channels with AVX-512 and 8 with AVX2 (MLAS); the probe
+    reads it from the optimizer's output, not from the CPU flags, so check one against the
+    other where the flags are known. Other providers have no such layout."""
+    from engine.latency.ops import NchwcLayout, nchwc_layout
+
+    layout = nchwc_layout()
+    assert layout.block in (1, 4, 8, 16, 32, 64)
+    assert layout.align >= 1 and (layout.block == 1 or layout.block % layout.align == 0)
+    try:
+        flags = set(
+            next(
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ).split()
+        )
+    except (OSError, StopIteration):
+        flags = set()
+    if "avx512f" in flags:
+        assert layout.block == 16, layout
+    elif "avx2" in flags:
+        assert layout.block == 8, layout
+    if layout.block > 1:
+        assert 1 < layout.align < layout.block  # a conv input off 4 channels is not blocked
+    assert nchwc_layout("CUDAExecutionProvider") == NchwcLayout(1, 1)
+
+
+def _narrow_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 24),
+        nn.ReLU(),
+        nn.Linear(24, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize(("block", "align"), [(16, 4), (8, 8), (1, 1)])
+def test_coarse_widths_follow_the_runtimes_nchwc_block(block, align, tmp_path, monkeypatch):
+    """With a block of 16 (AVX-512), a 32-channel conv group's coarse step is 16, not 8: a
+    24-channel conv costs what a 32-channel one does and breaks the blocked layout around
+    pooling. A 16-channel group keeps a finer measured step (it would otherwise have no width
+    below "uncut"), and no conv group's width leaves the input alignment. Linear-only groups
+    follow GEMM panels whatever the block."""
+    from engine import graph
+    from engine.latency import profiles
+    from engine.latency.ops import NchwcLayout
+
+    monkeypatch.setattr(profiles, "nchwc_layout", lambda provider: NchwcLayout(block, align))
+    model = _narrow_cnn()
+    example = torch.randn(1, 3, 8, 8)
+    analysis = graph.analyse(model, example, torch.randn(4, 3, 8, 8))
+    by_width = {g.channels: g for g in analysis.groups}
+    assert {32, 16, 24} <= set(by_width), sorted(by_width)
+    lat = latency.profile(
+        model,
+        example,
+        [by_width[32], by_width[16], by_width[24]],
+        timer=latency.OpTimer(threads=1, cache_path=tmp_path / "ops.json"),
+    )
+    assert (lat.block, lat.align) == (block, align)
+    g32, g16, g24 = (lat.groups[by_width[c].name] for c in (32, 16, 24))
+    assert g24.matmul_only and g24.big == 8 and g24.align == 1
+    measured = lat.steps()
+    lat.mode = "coarse"
+    coarse = lat.steps()
+    lat.mode = "fine"
+    fine = lat.steps()
+    if block == 16:
+        assert coarse[g32.name] == 16 and coarse[g16.name] == 16
+        assert measured[g16.name] in (4, 8)  # probed from the panel of 8, never off the alignment
+        assert measured[g32.name] % align == 0 and measured[g16.name] % align == 0
+        assert fine[g32.name] == fine[g16.name] == 4 and fine[g24.name] == 1
+    elif block == 8:
+        assert coarse[g32.name] == 8 and coarse[g16.name] == 8
+        assert fine[g32.name] == fine[g16.name] == 8
+    else:
+        assert coarse[g32.name] == 8 and fine[g32.name] == fine[g16.name] == 1
+    assert lat.summary()["nchwc_block"] == block
+
+
+def test_a_partial_cut_leaves_a_width_on_the_nchwc_alignment():
+    """The budget search's split of a straddling chunk removes only as many channels as leave
+    the group's width a multiple of its alignment (a conv fed an unaligned width runs in
+    onnxruntime's plain layout, slower than the uncut one), and still lands in the band."""
+    from engine import budget, graph
+    from engine.flops import torch_costs
+
+    model = _cnn()
+    example = torch.randn(1, 3, 16, 16)
+    analysis = graph.analyse(model, example, torch.randn(8, 3, 16, 16))
+    groups = [g for g in analysis.groups if g.channels >= 48]
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float32) for g in groups}
+    chunks = budget.removal_order(groups, scores, "uniform", 16)
+    base = torch_costs(model, example)
+    widths = {g.name: (g.channels, 1, 4) for g in groups}
+    # Without the alignment, 0.55 is met by cutting a 96-channel group to 70.
+    free = budget.search(
+        model, example, chunks, "flops", 0.55, base, tolerance=0.01, split_last=True
+    )
+    assert any((g.channels - len(free.plan.get(g.name, []))) % 4 for g in groups), free.plan
+    for target in (0.55, 0.65):
+        split = budget.search(
+            model,
+            example,
+            chunks,
+            "flops",
+            target,
+            base,
+            tolerance=0.01,
+            split_last=True,
+            widths=widths,
+        )
+        assert abs(split.kept - target) <= 0.01
+        kept = {g.name: g.channels - len(split.plan.get(g.name, [])) for g in groups}
+        assert all(w % 4 == 0 for w in kept.values()), kept
+        assert sum(len(idx) % 16 != 0 for idx in split.plan.values()) == 1, kept
+
+
+def test_uniform_order_rounds_each_width_to_the_nearest_step():
+    """Uniform allocation with coarse steps rounds each group's cut to the nearest step, not
+    always down: at a 30% cut a 32-channel group with a step of 16 has lost 16 channels (its
+    chunk's middle, 25%, comes first), where rounding down would leave it uncut and put the
+    whole budget on the other groups."""
+    from engine.budget import removal_order
+
+    groups = [
+        ChannelGroup("a", 32, [GroupMember("a", "Conv2d", "out")]),
+        ChannelGroup("b", 100, [GroupMember("b", "Conv2d", "out")]),
+    ]
+    scores = {g.name: torch.arange(g.channels, dtype=torch.float64) for g in groups}
+    chunks = removal_order(groups, scores, "uniform", steps={"a": 16, "b": 1})
+    prefix, removed = [], {"a": 0, "b": 0}
+    for ch in chunks:
+        if removed["b"] >= 30:
+            break
+        removed[ch.group] += len(ch.idxs)
+        prefix.append(ch)
+    assert removed == {"a": 16, "b": 30}
