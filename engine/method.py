@@ -265,6 +265,21 @@ class PruneContext:
                 **lat.order_options(weighted=False),
             )
             result = self._search_fraction(model, chunks)
+            if abs(result.kept - float(target.fraction)) > target.tolerance and any(
+                g.align > 1 for g in lat.groups.values()
+            ):
+                # Aligned steps of 4 still straddle it (a small net): the budget comes first,
+                # steps of 1; the whole-network check then times what that costs.
+                lat.mode = "exact"
+                chunks = budget.removal_order(
+                    groups,
+                    scores,
+                    allocation,
+                    1,
+                    max_layer_ratio,
+                    **lat.order_options(weighted=False),
+                )
+                result = self._search_fraction(model, chunks)
         assert result is not None
         return (
             result.model,

@@ -348,7 +348,7 @@ def ensure_faster(
 
     def fewer_cuts() -> None:
         # Leave uncut the groups whose measured time falls least per MAC removed.
-        lat.mode = best_cfg[0] if best_cfg[0] != "fine" else "measured"
+        lat.mode = best_cfg[0] if best_cfg[0] not in ("fine", "exact") else "measured"
         ranked = sorted(lat.groups.values(), key=lambda g: g.weight)
         lat.skip = {g.name for g in ranked[: max(1, len(ranked) // 3)] if g.weight < 1.0}
 

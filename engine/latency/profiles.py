@@ -109,7 +109,8 @@ class LatencyProfile:
     block: int = 1  # onnxruntime's NCHWc channel block on this CPU (1: none)
     align: int = 1  # and the input-channel alignment of its blocked convs
     # Set by the never-slower loop: "measured" (default), "coarse" (step S everywhere), plus
-    # groups left uncut because their time hardly falls with width.
+    # groups left uncut because their time hardly falls with width; by the budget search:
+    # "fine" (the NCHWc alignment) and "exact" (steps of 1) when coarser steps miss it.
     mode: str = "measured"
     skip: set[str] = field(default_factory=set)
 
@@ -118,6 +119,8 @@ class LatencyProfile:
             return {n: max(g.step, g.big) for n, g in self.groups.items()}
         if self.mode == "fine":
             return {n: g.align for n, g in self.groups.items()}
+        if self.mode == "exact":
+            return {n: 1 for n in self.groups}
         return {n: g.step for n, g in self.groups.items()}
 
     def weights(self) -> dict[str, float]:

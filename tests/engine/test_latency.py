@@ -753,3 +753,63 @@ def test_uniform_order_rounds_each_width_to_the_nearest_step():
         removed[ch.group] += len(ch.idxs)
         prefix.append(ch)
     assert removed == {"a": 16, "b": 30}
+
+
+def test_the_budget_is_met_when_aligned_steps_straddle_it(tmp_path, monkeypatch):
+    """A 16 -> 32 channel net at half its MACs: whole steps of 16 and widths on the NCHWc
+    alignment of 4 both straddle the 1% tolerance along the uniform order, so the search
+    ends with steps of 1 rather than miss the budget (a served job failed its target gate
+    with 0.477 of the MACs before this)."""
+    from engine.latency import profiles
+    from engine.latency.ops import NchwcLayout
+
+    monkeypatch.setattr(profiles, "nchwc_layout", lambda provider: NchwcLayout(16, 4))
+    monkeypatch.setenv("PRUNERY_LATENCY_CACHE", str(tmp_path / "latency.json"))
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    ).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        net,
+        (torch.randn(2, 1, 8, 8),),
+        buf,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
+    (tmp_path / "net.onnx").write_bytes(buf.getvalue())
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x_train=rng.standard_normal((64, 1, 8, 8)).astype(np.float32),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.standard_normal((32, 1, 8, 8)).astype(np.float32),
+        y_test=rng.integers(0, 10, 32),
+    )
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.5},
+        recovery={"mode": "none"},
+        gates={"min_speedup": None},
+    )
+    report = run(
+        spec,
+        tmp_path / "net.onnx",
+        tmp_path / "data.npz",
+        tmp_path / "out",
+        latency_runs=5,
+        latency_threads=1,
+        catalog=registry,
+    )
+    assert report.target.met, report.target
+    assert abs(report.macs.ratio - 0.5) <= 0.011, report.macs.ratio
