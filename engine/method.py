@@ -253,24 +253,17 @@ class PruneContext:
             and (result is None or abs(result.kept - float(target.fraction)) > target.tolerance)
         ):
             # Still outside the tolerance (or out of reach): search again with the finest
-            # steps that keep onnxruntime's blocked conv layout (1 where it has none; the
-            # widths then follow the budget, not the kernels).
-            lat.mode = "fine"
-            chunks = budget.removal_order(
-                groups,
-                scores,
-                allocation,
-                1,
-                max_layer_ratio,
-                **lat.order_options(weighted=False),
-            )
-            result = self._search_fraction(model, chunks)
-            if abs(result.kept - float(target.fraction)) > target.tolerance and any(
-                g.align > 1 for g in lat.groups.values()
-            ):
-                # Aligned steps of 4 still straddle it (a small net): the budget comes first,
-                # steps of 1; the whole-network check then times what that costs.
-                lat.mode = "exact"
+            # steps that keep onnxruntime's blocked conv layout ("fine": the alignment, 1
+            # where it has none), and if those straddle it too (a small net), with steps of 1
+            # ("exact"): the budget comes first, and the whole-network check then times what
+            # those widths cost.
+            for mode in ("fine", "exact"):
+                met = result is not None and (
+                    abs(result.kept - float(target.fraction)) <= target.tolerance
+                )
+                if mode == "exact" and (met or all(g.align <= 1 for g in lat.groups.values())):
+                    break
+                lat.mode = mode
                 chunks = budget.removal_order(
                     groups,
                     scores,

@@ -44,31 +44,35 @@ def _cnn() -> nn.Module:
     ).eval()
 
 
-@pytest.fixture(scope="module")
-def cnn_job(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("latency")
+def _job(net: nn.Module, shape: tuple[int, ...], root: Path, n: int = 128) -> tuple[Path, Path]:
+    """`net` exported to ONNX (dynamic batch) and a random 10-class dataset of `shape`."""
     buf = io.BytesIO()
     torch.onnx.export(
-        _cnn(),
-        (torch.randn(2, 3, 16, 16),),
+        net,
+        (torch.randn(2, *shape),),
         buf,
         dynamo=False,
         opset_version=17,
         input_names=["input"],
         dynamic_axes={"input": {0: "batch"}},
     )
-    model = root / "cnn.onnx"
+    model = root / "net.onnx"
     model.write_bytes(buf.getvalue())
     rng = np.random.default_rng(0)
-    arrays = {
-        "x_train": rng.standard_normal((128, 3, 16, 16)).astype(np.float32),
-        "y_train": rng.integers(0, 10, 128),
-        "x_test": rng.standard_normal((64, 3, 16, 16)).astype(np.float32),
-        "y_test": rng.integers(0, 10, 64),
-    }
     data = root / "data.npz"
-    np.savez(data, **arrays)
+    np.savez(
+        data,
+        x_train=rng.standard_normal((n, *shape)).astype(np.float32),
+        y_train=rng.integers(0, 10, n),
+        x_test=rng.standard_normal((n // 2, *shape)).astype(np.float32),
+        y_test=rng.integers(0, 10, n // 2),
+    )
     return model, data
+
+
+@pytest.fixture(scope="module")
+def cnn_job(tmp_path_factory) -> tuple[Path, Path]:
+    return _job(_cnn(), (3, 16, 16), tmp_path_factory.mktemp("latency"))
 
 
 def test_latency_target_search_agrees_with_independent_measurement(cnn_job, tmp_path, monkeypatch):
@@ -777,25 +781,7 @@ def test_the_budget_is_met_when_aligned_steps_straddle_it(tmp_path, monkeypatch)
         nn.Flatten(),
         nn.Linear(32, 10),
     ).eval()
-    buf = io.BytesIO()
-    torch.onnx.export(
-        net,
-        (torch.randn(2, 1, 8, 8),),
-        buf,
-        dynamo=False,
-        opset_version=17,
-        input_names=["input"],
-        dynamic_axes={"input": {0: "batch"}},
-    )
-    (tmp_path / "net.onnx").write_bytes(buf.getvalue())
-    rng = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "data.npz",
-        x_train=rng.standard_normal((64, 1, 8, 8)).astype(np.float32),
-        y_train=rng.integers(0, 10, 64),
-        x_test=rng.standard_normal((32, 1, 8, 8)).astype(np.float32),
-        y_test=rng.integers(0, 10, 32),
-    )
+    model, data = _job(net, (1, 8, 8), tmp_path, n=64)
     spec = JobSpec(
         method={"name": "l1_norm"},
         target={"flops": 0.5},
@@ -804,8 +790,8 @@ def test_the_budget_is_met_when_aligned_steps_straddle_it(tmp_path, monkeypatch)
     )
     report = run(
         spec,
-        tmp_path / "net.onnx",
-        tmp_path / "data.npz",
+        model,
+        data,
         tmp_path / "out",
         latency_runs=5,
         latency_threads=1,
