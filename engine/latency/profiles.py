@@ -199,13 +199,7 @@ def profile(
             continue
         m = max(probe, int(round(c / 2 / probe)) * probe)
         half = probe // 2
-        # A conv group spanning two blocks of a known NCHWc layout steps by the block: off
-        # the block its widths are padded up to the next one and pooling / residual adds
-        # leave the blocked layout, which one-op timings at batch 1 (dispatch-bound, flat
-        # in the width) do not show. Only c and m are timed (for the group's weight).
-        known = block > 1 and not mm and c >= 2 * block
-        probes = (c, m) if known else (c, m, m + 1, m + half)
-        widths = sorted({w for w in probes if 0 < w <= c})
+        widths = sorted({w for w in (c, m, m + 1, m + half) if 0 < w <= c})
         per = {w: _at_width(layers, c, w) for w in widths}
         flat = [s for w in widths for s in per[w]]
         ts = timer.times(flat)
@@ -216,13 +210,13 @@ def profile(
             macs[w] = int(sum(s.macs() for s in per[w]))
             k += n
         step = probe
-        if c > m and not known:
+        if c > m:
             slope = (times[c] - times[m]) / (c - m)
-            for s, w in ((1, m + 1), (half, m + half)):
-                if w not in times or w >= c:
+            for s, probe in ((1, m + 1), (half, m + half)):
+                if probe not in times or probe >= c:
                     continue
-                line = times[m] + (w - m) * slope
-                if times[w] <= line + NOISE_REL * times[m] + NOISE_ABS_US:
+                line = times[m] + (probe - m) * slope
+                if times[probe] <= line + NOISE_REL * times[m] + NOISE_ABS_US:
                     step = s
                     break
         step = max(step, al)
