@@ -72,12 +72,17 @@ def _at_width(layers: list[tuple[OpSig, bool, bool]], channels: int, width: int)
     return out
 
 
+def _panel(channels: int) -> int:
+    """GEMM panels of 8/16 columns (1: too narrow to step)."""
+    return 16 if channels >= 48 else 8 if channels >= 16 else 1
+
+
 def _big_step(channels: int, block: int = 1, matmul_only: bool = False) -> int:
     """The coarse step S of a group: GEMM panels of 8/16 columns, and for groups with convs
     at least the runtime's NCHWc block (`ops.nchwc_layout`): with a smaller step, widths
     between blocks are padded up to the next one and the layout breaks around pooling and
     residual adds."""
-    panel = 16 if channels >= 48 else 8 if channels >= 16 else 1
+    panel = _panel(channels)
     if matmul_only or block <= 1 or channels < block:
         return panel
     return max(panel, block)
@@ -90,7 +95,7 @@ def _probe_step(channels: int, big: int, block: int) -> int:
     growth layers left uncut put the whole cut on the others: -31 points at a quarter of the
     MACs) and the coarse widths (`LatencyProfile.mode == "coarse"`) keep the block grid."""
     if block > 1 and channels < 2 * block:
-        return min(big, 16 if channels >= 48 else 8 if channels >= 16 else 1)
+        return min(big, _panel(channels))
     return big
 
 
@@ -212,11 +217,11 @@ def profile(
         step = probe
         if c > m:
             slope = (times[c] - times[m]) / (c - m)
-            for s, probe in ((1, m + 1), (half, m + half)):
-                if probe not in times or probe >= c:
+            for s, w in ((1, m + 1), (half, m + half)):
+                if w not in times or w >= c:
                     continue
-                line = times[m] + (probe - m) * slope
-                if times[probe] <= line + NOISE_REL * times[m] + NOISE_ABS_US:
+                line = times[m] + (w - m) * slope
+                if times[w] <= line + NOISE_REL * times[m] + NOISE_ABS_US:
                     step = s
                     break
         step = max(step, al)
