@@ -83,7 +83,9 @@ def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | Non
     method_seconds = time.perf_counter() - t0
     speed_checks: dict[str, Any] = {}
     if ctx.latency is not None and not result.dynamic and spec.target.kind != "layers":
-        rerun = result.rerun or (lambda: prep.method.run(ctx))
+        # A re-run with other widths runs the way the first did: progressively when the
+        # schedule asks (else a kept re-run silently shipped a one-step pruning).
+        rerun = result.rerun or (lambda: progressive.run(prep.method, ctx, prep.info.name))
         result, speed_checks = latency_mod.ensure_faster(
             ctx.latency,
             ctx.latency_timer,

@@ -272,6 +272,31 @@ def test_progressive_steps_cut_attention_heads_step_by_step(zoo_model, digits_np
     assert set(before) == set(after) and all(after[k] <= before[k] for k in before)
 
 
+def test_widths_chosen_again_are_pruned_progressively_too(zoo_model, digits_npz, monkeypatch):
+    """When the whole-network check keeps the other width set, that re-run is progressive as
+    the first run was: before, it called the method once, so a job with schedule.steps = 2
+    shipped a one-step pruning whenever the coarse widths won (a timing-dependent CI failure)."""
+    from engine import stages
+    from engine.prepare import prepare
+
+    def keep_the_rerun(lat, timer, rerun, first, *args, **kwargs):
+        lat.mode = "coarse"
+        return rerun(), {"checks": [], "kept": "coarse"}
+
+    monkeypatch.setattr(stages.latency_mod, "ensure_faster", keep_the_rerun)
+    spec = JobSpec(
+        method={"name": "l1_norm"},
+        target={"flops": 0.5},
+        recovery={"epochs": 2, "lr": 1e-3},
+        schedule={"steps": 2},
+    )
+    prep = prepare(spec, zoo_model("vgg"), digits_npz, catalog=registry, device="cpu")
+    pruned = stages.prune(prep, lambda _f, _m: None)
+    hist = pruned.result.details["progressive"]["history"]
+    assert [h["step"] for h in hist] == [1, 2] and hist[0]["kept"] > hist[1]["kept"]
+    assert pruned.result.recovery_epochs == 1.0  # the last step's share, not all of them
+
+
 def test_distillation_is_on_by_default_and_switchable_off():
     on = JobSpec(method={"name": "l1_norm"}, target={"flops": 0.5})
     off = JobSpec(
