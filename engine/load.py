@@ -21,7 +21,8 @@ from onnx import TensorProto, numpy_helper
 from core.errors import BadDataset, BadModel
 from core.validation import onnx_checks as checks
 from core.validation.interface import check_model_io
-from engine import converters, fx_rewrites, reshapes, residual
+from engine import axis_swap, converters, fx_rewrites, reshapes, residual
+from engine.fx_util import rewrite_with_shapes
 
 PARITY_RTOL = 1e-4
 
@@ -381,6 +382,11 @@ def load(
     if embeddings:
         notes.append(
             f"{len(embeddings)} embedding constant(s) (token table, class token, positional embedding) made trainable layers"
+        )
+    swaps = rewrite_with_shapes(module, structure_example, axis_swap.rewrite_axis_swaps)
+    if swaps:
+        notes.append(
+            f"{len(swaps)} token-mixing transpose(s) made channel boundaries, so the residual width prunes"
         )
     worst = _prove_parity(module, session, inp.name, probe_dims, dtype, seed, input_high)
     return LoadedModel(

@@ -12,7 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from engine import channel_consts, grouped, shuffle
+from engine import axis_swap, channel_consts, grouped, shuffle
 from engine.bounded import BoundedDependencyGraph
 from engine.channels import group_layers
 
@@ -23,7 +23,11 @@ def build_dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.Depend
     """Torch-Pruning's dependency graph, with a bounded group walk (see bounded.py), the
     pruner that slices per-channel constants (channel_consts.py) and whole-block pruning of
     grouped convs (grouped.py)."""
-    pruners: dict[Any, Any] = {**channel_consts.CUSTOM_PRUNERS, **shuffle.CUSTOM_PRUNERS}
+    pruners: dict[Any, Any] = {
+        **channel_consts.CUSTOM_PRUNERS,
+        **shuffle.CUSTOM_PRUNERS,
+        **axis_swap.CUSTOM_PRUNERS,
+    }
     dg = BoundedDependencyGraph()
     dg.instance_pruners = dict(grouped.block_pruners(model))
     with torch.enable_grad():

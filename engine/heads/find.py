@@ -17,6 +17,7 @@ SUFFIX = "#heads"
 _LAYOUT = {
     "StaticReshape",
     "OnnxTranspose",
+    "AxisSwap",  # axis_swap.py
     "OnnxGather",
     "OnnxSqueezeStaticAxes",
     "OnnxSqueezeDynamicAxes",

@@ -10,7 +10,9 @@
   groups' widths. Every counted layer is a Conv/Linear whose cost is bilinear in its kept
   input and output fractions (depthwise convs: linear in the output), so with integer widths
   it equals the count of the structurally pruned network; with expected widths it is TAS's
-  expected FLOPs (independent layers: E[in·out] = E[in]·E[out]).
+  expected FLOPs (independent layers: E[in·out] = E[in]·E[out]). A layer that reads a
+  group's channels as rows (an MLP-Mixer's token MLP, after an axis swap) also scales
+  with that group's kept fraction.
 * `curves_png`: the search-curve plot both methods attach as an artifact.
 """
 
@@ -119,6 +121,35 @@ class _LayerCost:
     in_full: int
     out_terms: list[tuple[str, int]] = field(default_factory=list)  # (group, channels of it here)
     in_terms: list[tuple[str, int]] = field(default_factory=list)
+    # Groups whose channels are rows of this layer's input, not its features (an MLP-Mixer's
+    # token MLP after an axis swap sees the residual width as rows): (group, channels, width).
+    row_terms: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _row_layers(model: nn.Module, dg, root: str) -> list[tuple[str, int, int]]:
+    """(layer, channels of the group, full width) for every Conv/Linear that reads the
+    group's channels as rows: the layers after an `AxisSwap` whose input is in the group,
+    up to the next swap (engine/axis_swap.py)."""
+    from engine.axis_swap import AxisSwap
+    from engine.channels import group_layers
+    from engine.graph import full_group
+
+    names = {m: n for n, m in model.named_modules()}
+    found: list[tuple[str, int, int]] = []
+    for lc in group_layers(dg, full_group(model, dg, root), names):
+        if not isinstance(lc.module, AxisSwap) or lc.role != "in":
+            continue
+        frontier, seen = list(dg.module2node[lc.module].outputs), set[int]()
+        while frontier and len(seen) < 256:
+            node = frontier.pop()
+            if id(node) in seen or isinstance(node.module, AxisSwap):
+                continue
+            seen.add(id(node))
+            name = names.get(node.module) if isinstance(node.module, nn.Module) else None
+            if name is not None and isinstance(node.module, PRUNABLE_ROOTS):
+                found.append((name, len(set(lc.idxs)), lc.module.in_width))
+            frontier.extend(node.outputs)
+    return found
 
 
 class WidthCost:
@@ -156,7 +187,10 @@ class WidthCost:
                 if lc is None:
                     continue
                 (lc.out_terms if role == "out" else lc.in_terms).append((g.name, len(cmap.idxs)))
-        self.layers = [lc for lc in layers.values() if lc.out_terms or lc.in_terms]
+            for name, n, width in _row_layers(model, dg, g.name):
+                if name in layers:
+                    layers[name].row_terms.append((g.name, n, width))
+        self.layers = [lc for lc in layers.values() if lc.out_terms or lc.in_terms or lc.row_terms]
         self.constant = self.base_total - sum(lc.bilinear + lc.linear for lc in self.layers)
 
     def __call__(self, widths: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
@@ -173,12 +207,24 @@ class WidthCost:
         for lc in self.layers:
             fo = frac(lc.out_full, lc.out_terms)
             fi = 1.0 if lc.depthwise else frac(lc.in_full, lc.in_terms)
-            total = total + lc.bilinear * fi * fo + lc.linear * fo
+            total = total + lc.bilinear * fi * fo * self._rows(lc, widths) + lc.linear * fo
         return (
             torch.as_tensor(total, dtype=torch.float64)
             if not isinstance(total, torch.Tensor)
             else total
         )
+
+    def _rows(
+        self, lc: _LayerCost, widths: Mapping[str, torch.Tensor | float]
+    ) -> torch.Tensor | float:
+        """The kept fraction of the layer's rows (MACs only: weights do not depend on rows)."""
+        factor: torch.Tensor | float = 1.0
+        if self.metric != "flops":
+            return factor
+        for g, n, full in lc.row_terms:
+            if g in widths:
+                factor = factor * (full - n * (1.0 - widths[g] / self.channels[g])) / full
+        return factor
 
     def fraction(self, widths: Mapping[str, torch.Tensor | float]) -> torch.Tensor:
         return self(widths) / self.base_total
