@@ -9,8 +9,11 @@ model.pt2 and a note in the report saying why.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +25,20 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+@contextlib.contextmanager
+def _quiet_symbolic_shapes() -> Iterator[None]:
+    """torch.export logs a warning with whole FX graphs when it meets a data-dependent size it
+    resolves anyway (a ViT's head reshape: "Unable to find user code corresponding to {u3}");
+    a worker's log is not the place for it. Errors still surface as exceptions below."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> list[str]:
     """Export `model` to `path` (atomically); returns notes for the report."""
     model = model.eval()
@@ -29,11 +46,11 @@ def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> list[st
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     notes: list[str] = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_symbolic_shapes():
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as dynamic_exc:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _quiet_symbolic_shapes():
                 program = torch.export.export(model, (example,))
             notes.append(
                 f"model.pt2 has a fixed batch size of {example.shape[0]}: torch.export could not make "
