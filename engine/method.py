@@ -193,6 +193,10 @@ class PruneContext:
         if max_layer_ratio is None:
             max_layer_ratio = self.spec.export.max_layer_cut
         lat = self.latency
+
+        def align(name: str) -> int:
+            return lat.align_of(name) if lat is not None else 1
+
         chunks = budget.removal_order(
             groups,
             scores,
@@ -215,12 +219,7 @@ class PruneContext:
                 progress=lambda f: self.progress(f, None),
                 tolerance=target.tolerance,
                 # whole cells of a grouped conv, and widths on the NCHWc alignment
-                quanta={
-                    g.name: math.lcm(
-                        g.quantum, lat.groups[g.name].align if lat and g.name in lat.groups else 1
-                    )
-                    for g in groups
-                },
+                quanta={g.name: math.lcm(g.quantum, align(g.name)) for g in groups},
             )
             return pruned, plan, {"allocation": allocation, **details}
         # Measured steps can straddle the tolerance: then one group (preferably one whose
@@ -232,14 +231,7 @@ class PruneContext:
                 chunks,
                 split_last=lat is not None,
                 prefer=lat.flat_groups() if lat else (),
-                widths={
-                    g.name: (
-                        g.channels,
-                        g.quantum,
-                        lat.groups[g.name].align if lat and g.name in lat.groups else 1,
-                    )
-                    for g in groups
-                },
+                widths={g.name: (g.channels, g.quantum, align(g.name)) for g in groups},
             )
         except budget.BudgetUnreachable:
             # Whole steps keep at least one step of every group; finer steps may reach it.

@@ -128,6 +128,11 @@ class LatencyProfile:
             return {n: 1 for n in self.groups}
         return {n: g.step for n, g in self.groups.items()}
 
+    def align_of(self, name: str) -> int:
+        """The width alignment of group `name` (1 for a group this profile does not know)."""
+        group = self.groups.get(name)
+        return group.align if group is not None else 1
+
     def weights(self) -> dict[str, float]:
         return {n: (0.0 if n in self.skip else g.weight) for n, g in self.groups.items()}
 
