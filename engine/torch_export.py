@@ -10,6 +10,7 @@ model.pt2 and a note in the report saying why.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -26,15 +27,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_symbolic_shapes() -> Iterator[None]:
-    """torch.export logs a warning with whole FX graphs when it meets a data-dependent size it
-    resolves anyway (a ViT's head reshape: "Unable to find user code corresponding to {u3}");
-    a worker's log is not the place for it. Errors still surface as exceptions below."""
+def _quiet_export() -> Iterator[None]:
+    """When torch.export meets a data-dependent size (a ViT's head reshape) it logs a warning
+    ("Unable to find user code corresponding to {u3}") and prints the whole partial FX graph
+    to stderr before raising; a worker's log is not the place for either. The exception
+    itself still reaches the caller, which turns it into the report's note."""
     log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         log.setLevel(level)
 
@@ -46,11 +49,11 @@ def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> list[st
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     notes: list[str] = []
     try:
-        with torch.no_grad(), _quiet_symbolic_shapes():
+        with torch.no_grad(), _quiet_export():
             program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as dynamic_exc:
         try:
-            with torch.no_grad(), _quiet_symbolic_shapes():
+            with torch.no_grad(), _quiet_export():
                 program = torch.export.export(model, (example,))
             notes.append(
                 f"model.pt2 has a fixed batch size of {example.shape[0]}: torch.export could not make "
