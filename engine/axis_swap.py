@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch_pruning as tp
 from torch import nn
 
-from engine.fx_util import module_kind
+from engine.fx_util import module_kind, replace_with_module
 
 # Ops that keep every axis where it is and touch each element on its own (activations,
 # arithmetic with a constant or with a same-shaped activation: the residual Add).
@@ -165,10 +165,5 @@ def rewrite_axis_swaps(gm: fx.GraphModule) -> list[str]:
         if not (_features_last(gm, src) and _read_by_last_axis_ops(gm, node)):
             continue
         name = str(node.target).replace(".", "_") + "_axis_swap"
-        gm.add_submodule(name, AxisSwap(perm, w_in, w_out))
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, (src,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        done.append(name)
+        done.append(replace_with_module(gm, node, name, AxisSwap(perm, w_in, w_out), (src,)))
     return done

@@ -67,3 +67,17 @@ def rewrite_with_shapes(
         gm.delete_all_unused_submodules()
         drop_unused_constants(gm)
     return done
+
+
+def replace_with_module(
+    gm: fx.GraphModule, node: fx.Node, name: str, module: torch.nn.Module, args: tuple
+) -> str:
+    """Add `module` as submodule `name` (unless it is there), call it on `args` right after
+    `node`, and hand `node`'s users (and shape metadata) to the new call; returns `name`."""
+    if not hasattr(gm, name):
+        gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    return name

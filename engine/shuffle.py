@@ -30,7 +30,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import _helpers
 
-from engine.fx_util import constant_of, rewrite_with_shapes
+from engine.fx_util import constant_of, replace_with_module, rewrite_with_shapes
 
 
 def _shuffle_groups(perm: torch.Tensor) -> int:
@@ -236,13 +236,8 @@ def _split_to_slices(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     for u in users:
         k = int(cast(int, u.args[1]))  # checked above: every user is getitem with an int
         name = f"{str(node.target).replace('.', '_')}_channel_slice_{k}"
-        if not hasattr(gm, name):
-            gm.add_submodule(name, ChannelSlice(offsets[k], offsets[k + 1], s_in[1]))
-        with gm.graph.inserting_after(u):
-            new = gm.graph.call_module(name, (src,))
-        new.meta = dict(u.meta)
-        u.replace_all_uses_with(new)
-        names.append(name)
+        piece = ChannelSlice(offsets[k], offsets[k + 1], s_in[1])
+        names.append(replace_with_module(gm, u, name, piece, (src,)))
     return names
 
 
@@ -275,12 +270,8 @@ def _shuffle_to_permute(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     ):
         return []
     name = str(r2.target).replace(".", "_") + "_channel_shuffle"
-    gm.add_submodule(name, ChannelPermute(torch.arange(c).view(g, c // g).t().reshape(-1)))
-    with gm.graph.inserting_after(r2):
-        new = gm.graph.call_module(name, (src,))
-    new.meta = dict(r2.meta)
-    r2.replace_all_uses_with(new)
-    return [name]
+    perm = torch.arange(c).view(g, c // g).t().reshape(-1)
+    return [replace_with_module(gm, r2, name, ChannelPermute(perm), (src,))]
 
 
 def _slice_to_channel_slice(gm: fx.GraphModule, node: fx.Node) -> list[str]:
@@ -308,12 +299,7 @@ def _slice_to_channel_slice(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     start = max(0, min(start, width))
     end = start + s_out[1]
     name = str(node.target).replace(".", "_") + "_channel_slice"
-    gm.add_submodule(name, ChannelSlice(start, end, width))
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (src,))
-    new.meta = dict(node.meta)
-    node.replace_all_uses_with(new)
-    return [name]
+    return [replace_with_module(gm, node, name, ChannelSlice(start, end, width), (src,))]
 
 
 def _rewrite_maps(gm: fx.GraphModule) -> list[str]:

@@ -4,8 +4,7 @@ index map (engine/axis_swap.py)."""
 
 from __future__ import annotations
 
-import io
-import warnings
+import sys
 from pathlib import Path
 
 import onnx
@@ -17,6 +16,10 @@ from engine.axis_swap import AxisSwap
 from engine.pipeline import run
 from methods import registry
 from prunery.spec import JobSpec
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "methods"))
+
+import methodkit  # noqa: E402
 
 PATCH = "patch/Conv"  # the Mixer's patch embedding: the residual stream's producer
 
@@ -83,20 +86,7 @@ class _NhwcBlock(nn.Module):
 
 def test_nchw_nhwc_permutes_keep_the_identity_map(tmp_path):
     torch.manual_seed(0)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _NhwcBlock().eval(),
-            (torch.randn(2, 1, 8, 8),),
-            buf,
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            dynamic_axes={"input": {0: "batch"}},
-        )
-    path = Path(tmp_path) / "nhwc.onnx"
-    path.write_bytes(buf.getvalue())
+    path = methodkit.export(_NhwcBlock(), Path(tmp_path) / "nhwc.onnx")
     loaded = load.load(path, (1, 8, 8))
     assert not [m for m in loaded.module.modules() if isinstance(m, AxisSwap)]
     x = torch.randn(4, 1, 8, 8)
