@@ -161,6 +161,34 @@ def confirm_if_slow(
     return b2, a2
 
 
+def confirm_latency_target(
+    spec: Any,
+    batch: int,
+    before: Any,
+    after: Any,
+    notes: list[str],
+    measure: Callable[[int], tuple[Any, Any]],
+) -> tuple[Any, Any]:
+    """A latency target's verify series (at `target.latency_batch`) that lands outside the
+    tolerance is repeated once with 3x the runs, and the longer series is reported whatever
+    it says: the search already measured these widths near the target, and on a 2-core
+    machine two series of the same pair moved by 5% (efficientnet_b0 at batch 1: 0.465 in
+    verify, 0.488 measured again). A real miss stays a miss with the longer series."""
+    target = spec.target
+    if target.kind != "latency" or batch != target.latency_batch or not before.median_ms:
+        return before, after
+    first = after.median_ms / before.median_ms
+    if abs(first - float(target.latency)) <= target.tolerance:
+        return before, after
+    b2, a2 = measure(3 * before.runs)
+    notes.append(
+        f"batch {batch}: the first {before.runs} interleaved runs measured {first:.3f} of the "
+        f"original's latency, outside {target.latency} ± {target.tolerance}; measured again with "
+        f"{b2.runs} runs: {a2.median_ms / b2.median_ms:.3f} (reported)"
+    )
+    return b2, a2
+
+
 def meets_budget(target: Any, costs: Any, base: Any) -> bool:
     """A MAC/parameter target within its tolerance (torch count); other targets: True."""
     if target.kind == "flops":
