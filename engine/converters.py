@@ -145,6 +145,37 @@ def _split18(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     )
 
 
+class OnnxHardSigmoidOp(nn.Module):
+    """HardSigmoid that exports as one HardSigmoid node. onnx2torch's module computes
+    clip(alpha * x + beta, 0, 1), which the exporter writes as Mul, Add and Clip: in
+    MobileNetV3's squeeze-excite blocks onnxruntime then ran that Add at the cost of the
+    whole excite multiply, and the pruned network came out 1.42x at batch 32 against 1.92x
+    with the same widths exported as HardSigmoid."""
+
+    def __init__(self, alpha: float = 0.2, beta: float = 0.5) -> None:
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def _forward() -> torch.Tensor:
+            return torch.clip(x * self.alpha + self.beta, min=0.0, max=1.0)
+
+        if torch.onnx.is_in_onnx_export():
+            return DefaultExportToOnnx.export(
+                _forward, "HardSigmoid", x, {"alpha_f": self.alpha, "beta_f": self.beta}
+            )
+        return _forward()
+
+
+def _hard_sigmoid(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(
+        torch_module=OnnxHardSigmoidOp(
+            alpha=node.attributes.get("alpha", 0.2), beta=node.attributes.get("beta", 0.5)
+        ),
+        onnx_mapping=onnx_mapping_from_node(node),
+    )
+
+
 def _alias(target: OperationDescription):
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         return registry._CONVERTER_REGISTRY[target](node, graph)
@@ -174,6 +205,9 @@ def install() -> None:
     add("Gelu", 20, _gelu)
     add("AveragePool", 19, _average_pool19)
     add("Split", 18, _split18)
+    # Ops whose onnx2torch module exports as several nodes: replaced, not only added.
+    for v in (1, 6):
+        reg[OperationDescription("", "HardSigmoid", v)] = _hard_sigmoid
 
     # Type-only revisions: alias each missing since_version to the newest converter we have.
     known_ops = {d.operation_type for d in reg if d.domain == ""}
