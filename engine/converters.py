@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from onnx import defs
 from onnx2torch.node_converters import registry
+from onnx2torch.node_converters.clip import OnnxClip
 from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
 from onnx2torch.node_converters.registry import OperationDescription, add_converter
 from onnx2torch.node_converters.reshape import OnnxReshape
@@ -176,6 +177,70 @@ def _hard_sigmoid(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     )
 
 
+class OnnxClipTensorBounds(nn.Module):
+    """Clip whose bounds are computed in the graph (not constants): torch.clamp with tensors."""
+
+    def __init__(self, has_min: bool, has_max: bool) -> None:
+        super().__init__()
+        self.has_min, self.has_max = has_min, has_max
+
+    def forward(self, x: torch.Tensor, *bounds: torch.Tensor) -> torch.Tensor:
+        it = iter(bounds)
+        lo = next(it) if self.has_min else None
+        hi = next(it) if self.has_max else None
+
+        def _forward() -> torch.Tensor:
+            return torch.clamp(x, lo, hi)
+
+        if torch.onnx.is_in_onnx_export():
+            # An omitted bound cannot be passed as None (the exporter crashes): +-inf.
+            inf = torch.tensor(float("inf"), dtype=x.dtype)
+            lo_t = lo if lo is not None else -inf
+            hi_t = hi if hi is not None else inf
+            return DefaultExportToOnnx.export(_forward, "Clip", x, lo_t, hi_t, {})
+        return _forward()
+
+
+def _clip11(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Clip-11+ whose optional min or max is omitted with an empty input name (Swin V2's
+    F.normalize writes Clip(x, eps, "")): onnx2torch looked the empty name up as a constant
+    and refused the model ("Dynamic value of min/max is not implemented")."""
+    names = [*node.input_values[1:3], "", ""][:2]
+    values: list[float | None] = []
+    dynamic: list[str] = []
+    for name in names:
+        if not name:
+            values.append(None)
+            continue
+        try:
+            values.append(float(get_const_value(name, graph)))
+        except KeyError:
+            values.append(None)
+            dynamic.append(name)
+    if dynamic:
+        return OperationConverterResult(
+            torch_module=OnnxClipTensorBounds(bool(names[0]), bool(names[1])),
+            onnx_mapping=OnnxMapping(
+                inputs=(node.input_values[0], *[n for n in names if n]),
+                outputs=node.output_values,
+            ),
+        )
+    lo, hi = values
+    module: nn.Module
+    if lo is None and hi is None:
+        module = nn.Identity()
+    elif lo == 0 and hi is None:
+        module = nn.ReLU()
+    elif lo == 0 and hi == 6:
+        module = nn.ReLU6()
+    else:
+        module = OnnxClip(min_val=lo, max_val=hi)
+    return OperationConverterResult(
+        torch_module=module,
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
 def _alias(target: OperationDescription):
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         return registry._CONVERTER_REGISTRY[target](node, graph)
@@ -205,9 +270,12 @@ def install() -> None:
     add("Gelu", 20, _gelu)
     add("AveragePool", 19, _average_pool19)
     add("Split", 18, _split18)
-    # Ops whose onnx2torch module exports as several nodes: replaced, not only added.
+    # Converters replaced, not only added: HardSigmoid exported as several nodes; Clip
+    # refused an omitted bound.
     for v in (1, 6):
         reg[OperationDescription("", "HardSigmoid", v)] = _hard_sigmoid
+    for v in (11, 12, 13):
+        reg[OperationDescription("", "Clip", v)] = _clip11
 
     # Type-only revisions: alias each missing since_version to the newest converter we have.
     known_ops = {d.operation_type for d in reg if d.domain == ""}

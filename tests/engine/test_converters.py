@@ -1,0 +1,76 @@
+"""Converters the engine adds to or replaces in onnx2torch's registry (engine/converters.py),
+proven on small hand-written ONNX graphs: the load step's parity check against
+onnxruntime, and the re-exported graph run in onnxruntime again."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from engine import load
+from engine.converters import OnnxClipTensorBounds
+from engine.export import export_onnx
+
+
+def _model(clip_inputs: list[str], extra: list[onnx.NodeProto], path: Path) -> Path:
+    """input [N,3,8,8] -> Conv 3->4 -> Clip(clip_inputs) -> GAP -> Flatten -> Gemm 4->10."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "fw"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb"),
+        numpy_helper.from_array(np.array(-0.25, dtype=np.float32), "lo"),
+        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "half"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        *extra,
+        helper.make_node("Clip", ["c", *clip_inputs], ["k"]),
+        helper.make_node("GlobalAveragePool", ["k"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "clip",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _round_trip(path: Path) -> tuple[load.LoadedModel, onnx.ModelProto]:
+    loaded = load.load(path, (3, 8, 8))  # proves torch == onnxruntime on random inputs
+    again = export_onnx(loaded.module, torch.randn(2, 3, 8, 8), loaded.opset)
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    want = load.ort_session(loaded.onnx_model).run(None, {"input": x})[0]
+    got = load.ort_session(again).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return loaded, again
+
+
+def test_clip_with_an_omitted_bound_converts(tmp_path):
+    """Swin V2's F.normalize exports Clip(x, eps, ""): onnx2torch looked the empty name up
+    as a constant and refused the model ("Dynamic value of min/max is not implemented")."""
+    _loaded, again = _round_trip(_model(["lo", ""], [], tmp_path / "min_only.onnx"))
+    assert Counter(n.op_type for n in again.graph.node)["Clip"] == 1
+
+
+def test_clip_with_bounds_computed_in_the_graph_converts(tmp_path):
+    extra = [
+        helper.make_node("ReduceMax", ["c"], ["m"], keepdims=0),
+        helper.make_node("Mul", ["m", "half"], ["hi"]),
+    ]
+    loaded, again = _round_trip(_model(["", "hi"], extra, tmp_path / "computed_max.onnx"))
+    assert any(isinstance(m, OnnxClipTensorBounds) for m in loaded.module.modules())
+    assert Counter(n.op_type for n in again.graph.node)["Clip"] == 1
