@@ -13,6 +13,8 @@ the new versions through its public `add_converter` hook instead of forking it:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from onnx import defs
 from onnx2torch.node_converters import registry
@@ -20,6 +22,8 @@ from onnx2torch.node_converters.clip import OnnxClip
 from onnx2torch.node_converters.reduce import OnnxReduceStaticAxes
 from onnx2torch.node_converters.registry import OperationDescription, add_converter
 from onnx2torch.node_converters.reshape import OnnxReshape
+from onnx2torch.node_converters.split import OnnxSplit
+from onnx2torch.node_converters.squeeze import OnnxSqueezeStaticAxes
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import (
@@ -241,6 +245,45 @@ def _clip11(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     )
 
 
+def _constant_ints(node: OnnxNode, graph: OnnxGraph, k: int) -> list[int] | None:
+    """Input k of `node` as a list of ints when it is a constant (else None)."""
+    if len(node.input_values) <= k or not node.input_values[k]:
+        return None
+    try:
+        return [
+            int(v) for v in torch.as_tensor(get_const_value(node.input_values[k], graph)).tolist()
+        ]
+    except KeyError:
+        return None
+
+
+def _squeeze13(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Squeeze-13+ with constant axes as the static-axes module: onnx2torch's dynamic one
+    sorts the axes tensor and reads it back with `.item()`, which torch.export cannot trace
+    (a pruned ViT got no model.pt2: "Could not extract specialized integer from
+    data-dependent expression")."""
+    axes = _constant_ints(node, graph, 1)
+    if axes is None:
+        return _ORIGINAL["Squeeze13"](node, graph)
+    return OperationConverterResult(
+        torch_module=OnnxSqueezeStaticAxes(axes=axes),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
+def _split13(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Split-13+ with constant sizes as the static-sizes module (the same `.item()` reads)."""
+    sizes = _constant_ints(node, graph, 1)
+    if sizes is None:
+        return _ORIGINAL["Split13"](node, graph)
+    return OperationConverterResult(
+        torch_module=OnnxSplit(
+            axis=node.attributes.get("axis", 0), split=sizes, num_splits=len(node.output_values)
+        ),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
 def _alias(target: OperationDescription):
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         return registry._CONVERTER_REGISTRY[target](node, graph)
@@ -249,6 +292,7 @@ def _alias(target: OperationDescription):
 
 
 _installed = False
+_ORIGINAL: dict[str, Any] = {}
 
 
 def install() -> None:
@@ -276,6 +320,13 @@ def install() -> None:
         reg[OperationDescription("", "HardSigmoid", v)] = _hard_sigmoid
     for v in (11, 12, 13):
         reg[OperationDescription("", "Clip", v)] = _clip11
+    # Split/Squeeze with constant sizes/axes: static modules (their dynamic forms cannot be
+    # traced by torch.export); the originals still convert the non-constant case.
+    _ORIGINAL["Split13"] = reg[OperationDescription("", "Split", 13)]
+    _ORIGINAL["Squeeze13"] = reg[OperationDescription("", "Squeeze", 13)]
+    reg[OperationDescription("", "Split", 13)] = _split13
+    for v in (13, 21):
+        reg[OperationDescription("", "Squeeze", v)] = _squeeze13
 
     # Type-only revisions: alias each missing since_version to the newest converter we have.
     known_ops = {d.operation_type for d in reg if d.domain == ""}

@@ -74,3 +74,47 @@ def test_clip_with_bounds_computed_in_the_graph_converts(tmp_path):
     loaded, again = _round_trip(_model(["", "hi"], extra, tmp_path / "computed_max.onnx"))
     assert any(isinstance(m, OnnxClipTensorBounds) for m in loaded.module.modules())
     assert Counter(n.op_type for n in again.graph.node)["Clip"] == 1
+
+
+def test_constant_squeeze_and_split_convert_to_modules_torch_export_traces(tmp_path):
+    """onnx2torch's Squeeze-13 and Split-13 read constant axes/sizes back from tensors with
+    `.item()`, which torch.export cannot trace: a pruned ViT got no model.pt2 ("Could not
+    extract specialized integer from data-dependent expression"). Constant ones become the
+    static modules; the graph stays the same ops."""
+    from onnx2torch.node_converters.split import OnnxSplit
+    from onnx2torch.node_converters.squeeze import OnnxSqueezeStaticAxes
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "fw"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb"),
+        numpy_helper.from_array(np.array([3, 5], dtype=np.int64), "sizes"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+    ]
+    nodes = [  # [N,1,2,8] -> squeeze(1) -> split(3,5 on the last axis) -> concat -> Gemm
+        helper.make_node("Squeeze", ["input", "axes"], ["s"]),
+        helper.make_node("Split", ["s", "sizes"], ["a", "b"], axis=2),
+        helper.make_node("Concat", ["b", "a"], ["c"], axis=2),
+        helper.make_node("Flatten", ["c"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "squeeze_split",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    path = tmp_path / "squeeze_split.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    loaded = load.load(path, (1, 2, 8))
+    kinds = {type(m) for m in loaded.module.modules()}
+    assert {OnnxSqueezeStaticAxes, OnnxSplit} <= kinds
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    x = torch.randn(3, 1, 2, 8)
+    program = torch.export.export(loaded.module.eval(), (x,), dynamic_shapes=({0: batch},))
+    torch.testing.assert_close(program.module()(x[:1]), loaded.module(x[:1]))
+    again = export_onnx(loaded.module, x, loaded.opset)
+    assert Counter(n.op_type for n in again.graph.node) == Counter(
+        n.op_type for n in loaded.onnx_model.graph.node
+    )
