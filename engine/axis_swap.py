@@ -145,19 +145,31 @@ def _width(node: object, axis: int) -> int | None:
     return int(shape[axis]) if shape is not None and len(shape) > 0 else None
 
 
+def _moves_last_axis(gm: fx.GraphModule, node: fx.Node) -> list[int] | None:
+    """The permutation of an `OnnxTranspose` that keeps the batch axis and moves the last
+    one elsewhere (a candidate swap), else None."""
+    if module_kind(gm, node) != "OnnxTranspose" or not node.args:
+        return None
+    perm = list(getattr(gm.get_submodule(str(node.target)), "perm", None) or [])
+    if len(perm) < 3 or perm[0] != 0 or perm[-1] == len(perm) - 1:
+        return None
+    return perm
+
+
+def has_candidates(gm: fx.GraphModule) -> bool:
+    """Whether any transpose could be a swap: without one, load skips the shape pass."""
+    return any(_moves_last_axis(gm, n) is not None for n in gm.graph.nodes)
+
+
 def rewrite_axis_swaps(gm: fx.GraphModule) -> list[str]:
     """Replace the qualifying `OnnxTranspose` nodes (module doc) with `AxisSwap`; returns the
     names of the inserted modules. Needs shapes in `node.meta` (`rewrite_with_shapes`)."""
     done: list[str] = []
     for node in list(gm.graph.nodes):
-        if module_kind(gm, node) != "OnnxTranspose" or not node.args:
-            continue
-        src = node.args[0]
-        perm = list(getattr(gm.get_submodule(str(node.target)), "perm", None) or [])
-        if not isinstance(src, fx.Node) or len(perm) < 3 or perm[0] != 0:
-            continue
-        rank = len(perm)
-        if perm[-1] == rank - 1:  # the last axis stays last: the identity map is right
+        # A transpose that leaves the last axis last needs nothing: the identity map is right.
+        perm = _moves_last_axis(gm, node)
+        src = node.args[0] if perm is not None else None
+        if perm is None or not isinstance(src, fx.Node):
             continue
         w_in, w_out = _width(src, -1), _width(node, -1)
         if w_in is None or w_out is None:

@@ -383,7 +383,11 @@ def load(
         notes.append(
             f"{len(embeddings)} embedding constant(s) (token table, class token, positional embedding) made trainable layers"
         )
-    swaps = rewrite_with_shapes(module, structure_example, axis_swap.rewrite_axis_swaps)
+    swaps = (
+        rewrite_with_shapes(module, structure_example, axis_swap.rewrite_axis_swaps)
+        if axis_swap.has_candidates(module)
+        else []
+    )
     if swaps:
         notes.append(
             f"{len(swaps)} token-mixing transpose(s) made channel boundaries, so the residual width prunes"
