@@ -125,9 +125,8 @@ def test_method_passes_are_counted(analysed):
     assert e is not None
     kw = _estimate_kwargs(e)
     slim = analysis.estimate_time(e.measured, _spec("network_slimming", sparsity_epochs=3), **kw)
-    assert slim.parts["method"] == pytest.approx(
-        3 * e.steps_per_epoch * e.measured.train_step_seconds, rel=1e-3
-    )
+    # parts are rounded to the millisecond (CI saw 0.291 against 0.29133 with rel=1e-3)
+    assert slim.parts["method"] == _rounded(3 * e.steps_per_epoch * e.measured.train_step_seconds)
     assert any("sparsity" in a for a in slim.assumptions)
     anp = analysis.estimate_time(e.measured, _spec("anp"), **kw)
     assert anp.parts["method"] > 0 and anp.parts["recovery"] > e.parts["recovery"]
