@@ -284,6 +284,64 @@ def _split13(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     )
 
 
+class OnnxSliceStatic(nn.Module):
+    """Slice-10+ whose starts, ends, axes and steps are constants (positive steps), kept as
+    python ints: onnx2torch's module reads them back from tensors with `.numpy()`, which
+    torch.export cannot trace (a Swin got no model.pt2). Exports as one Slice node with the
+    same constant inputs."""
+
+    def __init__(self, starts: list[int], ends: list[int], axes: list[int], steps: list[int]):
+        super().__init__()
+        self.starts, self.ends = [int(v) for v in starts], [int(v) for v in ends]
+        self.axes, self.steps = [int(v) for v in axes], [int(v) for v in steps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def _forward() -> torch.Tensor:
+            index: list[slice] = [slice(None)] * x.dim()
+            for start, end, axis, step in zip(
+                self.starts, self.ends, self.axes, self.steps, strict=True
+            ):
+                # INT64_MAX ends ("to the end") as None: torch warns when it truncates them
+                index[axis % x.dim()] = slice(start, None if end >= 2**31 else end, step)
+            return x[tuple(index)]
+
+        if torch.onnx.is_in_onnx_export():
+            args = [
+                torch.tensor(v, dtype=torch.int64)
+                for v in (self.starts, self.ends, self.axes, self.steps)
+            ]
+            return DefaultExportToOnnx.export(_forward, "Slice", x, *args, {})
+        return _forward()
+
+    def extra_repr(self) -> str:
+        return f"starts={self.starts}, ends={self.ends}, axes={self.axes}, steps={self.steps}"
+
+
+def _slice10(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Slice-10+ with constant inputs as `OnnxSliceStatic`; otherwise onnx2torch's module."""
+    starts, ends = _constant_ints(node, graph, 1), _constant_ints(node, graph, 2)
+    if starts is None or ends is None or len(starts) != len(ends):
+        return _ORIGINAL["Slice"](node, graph)
+    has_axes = len(node.input_values) > 3 and bool(node.input_values[3])
+    has_steps = len(node.input_values) > 4 and bool(node.input_values[4])
+    axes = _constant_ints(node, graph, 3) if has_axes else list(range(len(starts)))
+    steps = _constant_ints(node, graph, 4) if has_steps else [1] * len(starts)
+    if (
+        axes is None
+        or steps is None
+        or len(axes) != len(starts)
+        or len(steps) != len(starts)
+        or any(s <= 0 for s in steps)
+        or len({a for a in axes}) != len(axes)
+        or (any(a < 0 for a in axes) and any(a >= 0 for a in axes))
+    ):
+        return _ORIGINAL["Slice"](node, graph)
+    return OperationConverterResult(
+        torch_module=OnnxSliceStatic(starts, ends, axes, steps),
+        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+    )
+
+
 def _alias(target: OperationDescription):
     def convert(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         return registry._CONVERTER_REGISTRY[target](node, graph)
@@ -325,6 +383,9 @@ def install() -> None:
     _ORIGINAL["Split13"] = reg[OperationDescription("", "Split", 13)]
     _ORIGINAL["Squeeze13"] = reg[OperationDescription("", "Squeeze", 13)]
     reg[OperationDescription("", "Split", 13)] = _split13
+    _ORIGINAL["Slice"] = reg[OperationDescription("", "Slice", 13)]
+    for v in (10, 11, 13):
+        reg[OperationDescription("", "Slice", v)] = _slice10
     for v in (13, 21):
         reg[OperationDescription("", "Squeeze", v)] = _squeeze13
 

@@ -90,7 +90,9 @@ class SampleFlatten(nn.Module):
 
 class BatchConcat(nn.Module):
     """Concat whose batch-free inputs (a class token baked at batch 1) are broadcast along
-    the batch dimension first."""
+    the batch dimension first. The test is on the free input's own (static) size, not on
+    the batch: traced at batch 1 (the ONNX export's example) the broadcast must still be
+    recorded, or the exported graph fixes its batch at 1."""
 
     def __init__(self, axis: int, batch_dim: int, free: list[bool]) -> None:
         super().__init__()
@@ -101,7 +103,7 @@ class BatchConcat(nn.Module):
         n = ref.shape[self.batch_dim]
         parts = []
         for x, f in zip(xs, self.free, strict=True):
-            if f and x.shape[self.batch_dim] != n:
+            if f and x.shape[self.batch_dim] == 1:
                 size = list(x.shape)
                 size[self.batch_dim] = n
                 x = x.expand(size)
@@ -155,6 +157,7 @@ class Rewrite:
     flattens: int
     concats: int
     unresolved: list[str]
+    expands: int = 0
 
 
 def _infer(
@@ -302,10 +305,48 @@ def rewrite(gm: fx.GraphModule, example: torch.Tensor) -> Rewrite:
             values[new], info[new] = values[node], info.get(node)
             result.concats += 1
     gm.graph.eliminate_dead_code()
+    result.expands = _drop_batch_expands(gm, values, b0)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     return result
+
+
+def _drop_batch_expands(gm: fx.GraphModule, values: dict[fx.Node, object], b0: int) -> int:
+    """`cls_token.expand(B, -1, -1)` feeding a BatchConcat: the Expand's shape is computed
+    from the batch through Shape ops, and onnx2torch's module builds a `torch.Size` from
+    that tensor, which torch.export cannot trace (a torchvision ViT got no model.pt2).
+    BatchConcat already broadcasts a batch-free input, so such an Expand (it only broadcasts
+    the batch dimension) is dropped and its shape computation dies with it."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if _kind(gm, node) != "OnnxExpand" or len(node.args) != 2:
+            continue
+        src, shape = node.args
+        if not isinstance(src, fx.Node) or not isinstance(shape, fx.Node) or shape.op == "get_attr":
+            continue
+        x, out = values.get(src), values.get(node)
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        if x.dim() != out.dim():
+            continue
+        diff = [d for d in range(x.dim()) if x.shape[d] != out.shape[d]]
+        if len(diff) != 1 or x.shape[diff[0]] != 1 or out.shape[diff[0]] != b0:
+            continue
+        ok = bool(node.users)
+        for user in node.users:
+            mod = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            ok = ok and (
+                isinstance(mod, BatchConcat)
+                and mod.batch_dim == diff[0]
+                and not user.kwargs
+                and all(mod.free[i] for i, a in enumerate(user.args) if a is node)
+            )
+        if ok:
+            node.replace_all_uses_with(src)
+            dropped += 1
+    return dropped
 
 
 def _fresh(gm: fx.GraphModule, name: str) -> str:
@@ -338,7 +379,7 @@ def make_batch_polymorphic(
             gm,
             f"the batch-polymorphic rewrite could not trace the graph ({type(exc).__name__}: {exc})",
         )
-    if done.reshapes == 0 and done.flattens == 0 and done.concats == 0:
+    if done.reshapes == 0 and done.flattens == 0 and done.concats == 0 and done.expands == 0:
         return gm, None
     b = example.shape[0]
     first = example

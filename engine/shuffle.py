@@ -30,6 +30,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import _helpers
 
+from engine.converters import OnnxSliceStatic
 from engine.fx_util import constant_of, replace_with_module, rewrite_with_shapes
 
 
@@ -285,13 +286,17 @@ def _slice_to_channel_slice(gm: fx.GraphModule, node: fx.Node) -> list[str]:
         or s_in[1] == s_out[1]
     ):
         return []
-    maybe_consts = [constant_of(gm, a) for a in node.args[1:]]
-    consts = [c for c in maybe_consts if c is not None]
-    if len(maybe_consts) < 2 or len(consts) != len(maybe_consts):
-        return []
-    starts = consts[0].flatten().tolist()
-    axes = consts[2].flatten().tolist() if len(consts) > 2 else list(range(len(starts)))
-    steps = consts[3].flatten().tolist() if len(consts) > 3 else [1] * len(starts)
+    mod = gm.get_submodule(str(node.target))
+    if isinstance(mod, OnnxSliceStatic):  # converters.py: constants kept as ints
+        starts, axes, steps = mod.starts, mod.axes, mod.steps
+    else:
+        maybe_consts = [constant_of(gm, a) for a in node.args[1:]]
+        consts = [c for c in maybe_consts if c is not None]
+        if len(maybe_consts) < 2 or len(consts) != len(maybe_consts):
+            return []
+        starts = consts[0].flatten().tolist()
+        axes = consts[2].flatten().tolist() if len(consts) > 2 else list(range(len(starts)))
+        steps = consts[3].flatten().tolist() if len(consts) > 3 else [1] * len(starts)
     if len(starts) != 1 or int(steps[0]) != 1 or int(axes[0]) not in (1, 1 - len(s_in)):
         return []
     width = s_in[1]
@@ -310,7 +315,7 @@ def _rewrite_maps(gm: fx.GraphModule) -> list[str]:
             done.extend(_shuffle_to_permute(gm, node))
         elif kind in ("_SplitEqual", "OnnxSplit", "OnnxSplit13"):
             done.extend(_split_to_slices(gm, node))
-        elif kind in ("OnnxSlice", "OnnxSliceV9"):
+        elif kind in ("OnnxSlice", "OnnxSliceV9", "OnnxSliceStatic"):
             done.extend(_slice_to_channel_slice(gm, node))
     return done
 

@@ -118,3 +118,48 @@ def test_constant_squeeze_and_split_convert_to_modules_torch_export_traces(tmp_p
     assert Counter(n.op_type for n in again.graph.node) == Counter(
         n.op_type for n in loaded.onnx_model.graph.node
     )
+
+
+def test_constant_slice_converts_to_a_static_module_torch_export_traces(tmp_path):
+    """onnx2torch's Slice-10+ module reads constant starts/ends/axes/steps back with
+    `.numpy()`, which torch.export cannot trace (a Swin got no model.pt2). Constant ones
+    become `OnnxSliceStatic`: negative axes and starts, an INT64_MAX end and a step of 2
+    keep their meaning, and the re-export is one Slice again."""
+    from engine.converters import OnnxSliceStatic
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((10, 63)).astype(np.float32), "fw"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb"),
+        numpy_helper.from_array(np.array([1, -7], dtype=np.int64), "starts"),
+        numpy_helper.from_array(np.array([2**63 - 1, 7], dtype=np.int64), "ends"),
+        numpy_helper.from_array(np.array([-2, -1], dtype=np.int64), "axes"),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "steps"),
+    ]
+    nodes = [  # [N,3,8,8] -> rows 1.., columns 1,3,5 -> [N,3,7,3] -> Flatten -> Gemm 63->10
+        helper.make_node("Slice", ["input", "starts", "ends", "axes", "steps"], ["s"]),
+        helper.make_node("Flatten", ["s"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "slice",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    path = tmp_path / "slice.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    loaded = load.load(path, (3, 8, 8))  # its parity check proves the slice against onnxruntime
+    assert any(isinstance(m, OnnxSliceStatic) for m in loaded.module.modules())
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    x = torch.randn(3, 3, 8, 8)
+    program = torch.export.export(loaded.module.eval(), (x,), dynamic_shapes=({0: batch},))
+    torch.testing.assert_close(program.module()(x[:1]), loaded.module(x[:1]))
+    again = export_onnx(loaded.module, x[:1], loaded.opset)
+    assert Counter(n.op_type for n in again.graph.node) == Counter(
+        n.op_type for n in loaded.onnx_model.graph.node
+    )
+    ref = load.ort_session(str(path)).run(None, {"input": x.numpy()})[0]
+    got = load.ort_session(again.SerializeToString()).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
