@@ -837,3 +837,30 @@ def test_a_latency_target_series_outside_the_tolerance_is_measured_again_longer(
             is kept
         )
     assert calls == [90, 90]
+
+
+def test_latency_search_takes_a_cliff_chunk_and_gives_an_earlier_one_back():
+    """The straddling chunk is a cliff (0.79 before, 0.525 after, target 0.56), its parts are
+    off-step and slow, and another group's next chunk in its place is not enough: the
+    search takes the cliff and gives back the earlier 4-channel chunk of conv2."""
+    from engine.budget import Chunk
+    from engine.latency.network import search_latency
+
+    model = _two_convs(32)
+    example = torch.randn(1, 3, 8, 8)
+    chunks = [
+        Chunk("0", list(range(16)), 0.1),  # conv0 64 -> 48
+        Chunk("2", list(range(4)), 0.2),  # conv2 32 -> 28
+        Chunk("0", list(range(16, 40)), 0.3),  # the cliff: conv0 48 -> 24
+        Chunk("2", list(range(4, 12)), 0.4),  # conv2 28 -> 20
+    ]
+    _, plan, details = search_latency(
+        model, example, chunks, 0.56, 32, _StepTimer(), tolerance=0.03
+    )
+    rows = details["latency_search"]
+    assert any("part_of_next" in r for r in rows) and any("instead_next" in r for r in rows)
+    assert not any("without" in r for r in rows)  # found before going down the order
+    # conv0 at 24 and conv2 whole: 0.7 x 24/64 + 0.3 = 0.5625
+    assert plan == {"0": list(range(40))}
+    assert details["kept_latency_search"] == pytest.approx(0.5625, abs=1e-4)
+    assert details["split_chunk"] == {"given_back_chunk_of": "2", "chunk": 1, "removed": 4}
