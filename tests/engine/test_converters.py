@@ -17,6 +17,21 @@ from engine.converters import OnnxClipTensorBounds
 from engine.export import export_onnx
 
 
+def _save(nodes: list, inits: list, in_dims: list, path: Path) -> Path:
+    """A one-input ("input", float, `in_dims`) graph whose "output" is [N, 10], checked and saved."""
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, in_dims)],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
 def _model(clip_inputs: list[str], extra: list[onnx.NodeProto], path: Path) -> Path:
     """input [N,3,8,8] -> Conv 3->4 -> Clip(clip_inputs) -> GAP -> Flatten -> Gemm 4->10."""
     rng = np.random.default_rng(0)
@@ -36,17 +51,7 @@ def _model(clip_inputs: list[str], extra: list[onnx.NodeProto], path: Path) -> P
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "clip",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
+    return _save(nodes, inits, ["N", 3, 8, 8], path)
 
 
 def _round_trip(path: Path) -> tuple[load.LoadedModel, onnx.ModelProto]:
@@ -98,15 +103,7 @@ def test_constant_squeeze_and_split_convert_to_modules_torch_export_traces(tmp_p
         helper.make_node("Flatten", ["c"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "squeeze_split",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    path = tmp_path / "squeeze_split.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _save(nodes, inits, ["N", 1, 2, 8], tmp_path / "squeeze_split.onnx")
     loaded = load.load(path, (1, 2, 8))
     kinds = {type(m) for m in loaded.module.modules()}
     assert {OnnxSqueezeStaticAxes, OnnxSplit} <= kinds
@@ -141,15 +138,7 @@ def test_constant_slice_converts_to_a_static_module_torch_export_traces(tmp_path
         helper.make_node("Flatten", ["s"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "slice",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    path = tmp_path / "slice.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _save(nodes, inits, ["N", 3, 8, 8], tmp_path / "slice.onnx")
     loaded = load.load(path, (3, 8, 8))  # its parity check proves the slice against onnxruntime
     assert any(isinstance(m, OnnxSliceStatic) for m in loaded.module.modules())
     batch = torch.export.Dim("batch", min=1, max=1024)
