@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,10 @@ class Latency:
     p90_ms: float
     runs: int
     times_ms: list[float] = field(default_factory=list, repr=False)  # in run order
+    # interleaved_latency: series measured (more than 1 when one was disturbed) and the
+    # kept series' disturbance (the larger of the two models' median / 10th percentile)
+    series: int = 1
+    disturbance: float = 1.0
 
 
 def measure_latency(
@@ -143,6 +147,14 @@ SETTLE_S = 0.25
 WARMUP_S = 0.05
 MIN_TIMED_S = 0.2
 MAX_RUNS_FACTOR = 20
+# A series in which most runs of a model are much slower than its own fastest tenth was
+# disturbed from outside the process: on the 2-core VM, after a model load, series of the
+# same pair (vgg, batch 1) came out 34/23 us and 51/37 us by the median while their 10th
+# percentiles stayed 34/23 (1.50x against 1.37x). Such a series (median > DISTURBED x the
+# 10th percentile, for either model) is measured again, up to MAX_SERIES in all, and the
+# quietest is kept: chosen by each model's own spread, never by the ratio between them.
+DISTURBED = 1.15
+MAX_SERIES = 3
 
 # onnxruntime intra-op threads of every latency measurement unless the job says otherwise.
 # One thread by default: with a thread pool per session, two sessions timed alternately
@@ -186,46 +198,73 @@ def interleaved_latency(
     """Time two models in alternating pairs (ABBA: which runs first alternates, so neither
     inherits the other's warm caches) so machine noise hits both alike; at least `runs` pairs
     (more for very fast models, see MIN_TIMED_S). Each Latency keeps its times in run order:
-    index i of both is one back-to-back pair."""
+    index i of both is one back-to-back pair. A disturbed series is measured again (see
+    DISTURBED); `series` and `disturbance` say so."""
     threads = timing_threads(threads)
     sa, sb = ort_session(a, threads=threads), ort_session(b, threads=threads)
     reps = int(np.ceil(batch_size / len(sample)))
     x = np.concatenate([sample] * reps, axis=0)[:batch_size]
     feed_a, feed_b = {input_name_a: x}, {input_name_b: x}
-    if settle:
-        time.sleep(SETTLE_S)
-    t_end = time.perf_counter() + WARMUP_S
-    n = 0
-    while n < warmup or time.perf_counter() < t_end:
-        sa.run(None, feed_a)
-        sb.run(None, feed_b)
-        n += 1
 
     def timed(sess: Any, feed: dict[str, np.ndarray]) -> float:
         t0 = time.perf_counter()
         sess.run(None, feed)
         return (time.perf_counter() - t0) * 1000.0
 
-    ta: list[float] = []
-    tb: list[float] = []
-    t_end = time.perf_counter() + MIN_TIMED_S
-    i = 0
-    while i < runs or (time.perf_counter() < t_end and i < MAX_RUNS_FACTOR * runs):
-        if i % 2:
-            tb.append(timed(sb, feed_b))
-            ta.append(timed(sa, feed_a))
-        else:
-            ta.append(timed(sa, feed_a))
-            tb.append(timed(sb, feed_b))
-        i += 1
+    def one_series() -> tuple[list[float], list[float]]:
+        if settle:
+            time.sleep(SETTLE_S)
+        t_end = time.perf_counter() + WARMUP_S
+        n = 0
+        while n < warmup or time.perf_counter() < t_end:
+            sa.run(None, feed_a)
+            sb.run(None, feed_b)
+            n += 1
+        ta: list[float] = []
+        tb: list[float] = []
+        t_end = time.perf_counter() + MIN_TIMED_S
+        i = 0
+        while i < runs or (time.perf_counter() < t_end and i < MAX_RUNS_FACTOR * runs):
+            if i % 2:
+                tb.append(timed(sb, feed_b))
+                ta.append(timed(sa, feed_a))
+            else:
+                ta.append(timed(sa, feed_a))
+                tb.append(timed(sb, feed_b))
+            i += 1
+        return ta, tb
+
+    best: tuple[float, list[float], list[float]] | None = None
+    n_series = 0
+    while n_series < MAX_SERIES and (best is None or best[0] > DISTURBED):
+        ta, tb = one_series()
+        n_series += 1
+        d = max(disturbance(ta), disturbance(tb))
+        if best is None or d < best[0]:
+            best = (d, ta, tb)
+    assert best is not None
+    d, ta, tb = best
 
     def summary(ts: list[float]) -> Latency:
         srt = sorted(ts)
         return Latency(
-            batch_size, statistics.median(srt), srt[int(0.9 * (len(srt) - 1))], len(ts), list(ts)
+            batch_size,
+            statistics.median(srt),
+            srt[int(0.9 * (len(srt) - 1))],
+            len(ts),
+            list(ts),
+            series=n_series,
+            disturbance=round(d, 3),
         )
 
     return summary(ta), summary(tb)
+
+
+def disturbance(times: Sequence[float]) -> float:
+    """A series' spread: its median over its 10th percentile (1.0: every run alike)."""
+    srt = sorted(times)
+    low = srt[int(0.1 * (len(srt) - 1))]
+    return statistics.median(srt) / low if low > 0 else 1.0
 
 
 def onnx_predict(

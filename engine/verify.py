@@ -133,6 +133,13 @@ def measure_latency(
             )
 
         first = timed(runs)
+        if first[0].series > 1:
+            prep.notes.append(
+                f"batch {bs}: the latency series was disturbed (most runs over "
+                f"{export_mod.DISTURBED}x its fastest tenth: another process on the machine) and "
+                f"measured {first[0].series} times; the quietest is reported (median / 10th "
+                f"percentile {first[0].disturbance:.2f})"
+            )
         before, after = latency_mod.confirm_if_slow(prep.spec, *first, prep.notes, timed)
         if before is first[0]:  # not measured again yet
             before, after = latency_mod.confirm_latency_target(

@@ -864,3 +864,54 @@ def test_latency_search_takes_a_cliff_chunk_and_gives_an_earlier_one_back():
     assert plan == {"0": list(range(40))}
     assert details["kept_latency_search"] == pytest.approx(0.5625, abs=1e-4)
     assert details["split_chunk"] == {"given_back_chunk_of": "2", "chunk": 1, "removed": 4}
+
+
+@pytest.mark.parametrize(
+    ("disturbed", "series", "medians", "spread"),
+    [
+        ((), 1, (1.0, 0.5), 1.0),  # a quiet series is measured once
+        ((0,), 2, (1.0, 0.5), 1.0),  # the disturbed first series is replaced
+        ((0, 1, 2), 3, (1.5, 0.75), 1.5),  # at most 3 series; the quietest (all alike) is kept
+    ],
+)
+def test_a_disturbed_latency_series_is_measured_again_and_the_quietest_kept(
+    monkeypatch, disturbed, series, medians, spread
+):
+    """On a shared machine most runs of a series can come out slower than the series'
+    fastest tenth (another tenant; vgg at batch 1: 51/37 us against 34/23 us). Such a series
+    is measured again. A fake clock: model a runs 1 ms and b 0.5 ms; in a disturbed series
+    3 runs in 4 take 1.5x as long."""
+    from engine import export
+
+    clock = {"t": 0.0, "series": -1}
+
+    class Session:
+        def __init__(self, base_ms: float) -> None:
+            self.base_ms, self.i = base_ms, 0
+
+        def run(self, *_: object) -> None:
+            slow = clock["series"] in disturbed and self.i % 4 != 0
+            clock["t"] += self.base_ms * (1.5 if slow else 1.0) / 1000
+            self.i += 1
+
+    sessions: list[Session] = []
+
+    def fake_session(payload: bytes, threads: int | None = None) -> Session:
+        sessions.append(Session(float(payload.decode())))
+        return sessions[-1]
+
+    def fake_sleep(seconds: float) -> None:  # the settle pause that starts every series
+        clock["t"] += seconds
+        clock["series"] += 1
+        for s in sessions:
+            s.i = 0
+
+    monkeypatch.setattr(export, "ort_session", fake_session)
+    monkeypatch.setattr(export.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(export.time, "sleep", fake_sleep)
+    x = np.zeros((1, 3), np.float32)
+    a, b = export.interleaved_latency(b"1.0", b"0.5", "input", "input", x, 1, runs=40)
+    assert (a.series, b.series) == (series, series)
+    assert (a.median_ms, b.median_ms) == pytest.approx(medians)
+    assert a.disturbance == pytest.approx(spread)
+    assert len(a.times_ms) == len(b.times_ms) >= 40
