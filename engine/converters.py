@@ -301,8 +301,11 @@ class OnnxSliceStatic(nn.Module):
             for start, end, axis, step in zip(
                 self.starts, self.ends, self.axes, self.steps, strict=True
             ):
-                # INT64_MAX ends ("to the end") as None: torch warns when it truncates them
-                index[axis % x.dim()] = slice(start, None if end >= 2**31 else end, step)
+                # INT64 extremes ("from the start", "to the end") as None: torch warns when
+                # it truncates them
+                index[axis % x.dim()] = slice(
+                    None if start <= -(2**31) else start, None if end >= 2**31 else end, step
+                )
             return x[tuple(index)]
 
         if torch.onnx.is_in_onnx_export():

@@ -120,20 +120,20 @@ def test_constant_squeeze_and_split_convert_to_modules_torch_export_traces(tmp_p
 def test_constant_slice_converts_to_a_static_module_torch_export_traces(tmp_path):
     """onnx2torch's Slice-10+ module reads constant starts/ends/axes/steps back with
     `.numpy()`, which torch.export cannot trace (a Swin got no model.pt2). Constant ones
-    become `OnnxSliceStatic`: negative axes and starts, an INT64_MAX end and a step of 2
+    become `OnnxSliceStatic`: negative axes and starts, INT64_MIN / INT64_MAX bounds and a step of 2
     keep their meaning, and the re-export is one Slice again."""
     from engine.converters import OnnxSliceStatic
 
     rng = np.random.default_rng(0)
     inits = [
-        numpy_helper.from_array(rng.standard_normal((10, 63)).astype(np.float32), "fw"),
+        numpy_helper.from_array(rng.standard_normal((10, 72)).astype(np.float32), "fw"),
         numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb"),
-        numpy_helper.from_array(np.array([1, -7], dtype=np.int64), "starts"),
+        numpy_helper.from_array(np.array([-(2**63), -7], dtype=np.int64), "starts"),
         numpy_helper.from_array(np.array([2**63 - 1, 7], dtype=np.int64), "ends"),
         numpy_helper.from_array(np.array([-2, -1], dtype=np.int64), "axes"),
         numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "steps"),
     ]
-    nodes = [  # [N,3,8,8] -> rows 1.., columns 1,3,5 -> [N,3,7,3] -> Flatten -> Gemm 63->10
+    nodes = [  # [N,3,8,8] -> all rows, columns 1,3,5 -> [N,3,8,3] -> Flatten -> Gemm 72->10
         helper.make_node("Slice", ["input", "starts", "ends", "axes", "steps"], ["s"]),
         helper.make_node("Flatten", ["s"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fw", "fb"], ["output"], transB=1),
