@@ -288,6 +288,16 @@ def summary(rows: list[Row]) -> str:
             f"{statistics.median(effs):.2f}; median eff b1 {statistics.median([r.eff(1) for r in done if r.eff(1)]):.2f}, "
             f"b32 {statistics.median([r.eff(32) for r in done if r.eff(32)]):.2f}"
         )
+        # The 8x8 zoo at batch 1 is dispatch-bound (20-50 us a pass); the families apart:
+        for family, members in (("zoo", ZOO_IMAGES), ("torchvision", TORCHVISION)):
+            part = [r for r in done if r.model in members]
+            if part and len(part) < len(done):
+                cells = {b: [e for r in part if (e := r.eff(b)) is not None] for b in BATCHES}
+                lines.append(
+                    f"  {family} ({len(part)}): median eff "
+                    f"{statistics.median(cells[1] + cells[32]):.2f}; b1 {statistics.median(cells[1]):.2f}, "
+                    f"b32 {statistics.median(cells[32]):.2f}"
+                )
     return "\n".join(lines)
 
 
