@@ -293,6 +293,8 @@ def summary(rows: list[Row]) -> str:
             part = [r for r in done if r.model in members]
             if part and len(part) < len(done):
                 cells = {b: [e for r in part if (e := r.eff(b)) is not None] for b in BATCHES}
+                if not (cells[1] and cells[32]):
+                    continue
                 lines.append(
                     f"  {family} ({len(part)}): median eff "
                     f"{statistics.median(cells[1] + cells[32]):.2f}; b1 {statistics.median(cells[1]):.2f}, "
