@@ -136,7 +136,7 @@ def measure_latency(
         if first[0].series > 1:
             prep.notes.append(
                 f"batch {bs}: the latency series was disturbed (most runs over "
-                f"{export_mod.DISTURBED}x its fastest tenth: another process on the machine) and "
+                f"{export_mod.DISTURBED}x its fastest tenth: load from outside the job) and "
                 f"measured {first[0].series} times; the quietest is reported (median / 10th "
                 f"percentile {first[0].disturbance:.2f})"
             )
