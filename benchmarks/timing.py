@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.timing [--models mixer,vit] [--method channel_regression]
                                           [--target 0.25] [--repeats 3] [--threads 1,0]
+                                          [--series 10]
 
-Two tables, one per question (0 threads = onnxruntime's default, one per core):
+Three tables, one per question (0 threads = onnxruntime's default, one per core):
 
 * **A job's whole-network choice, run again.** For each model and thread count, the pipeline's
   prune stage (`engine.stages.prune`: measured widths, then the coarse set timed against the
@@ -15,6 +16,10 @@ Two tables, one per question (0 threads = onnxruntime's default, one per core):
   itself in `engine.export.interleaved_latency`'s ABBA order (`--pairs` pairs). The true ratio
   is 1; the medians of the even pairs (A first) and the odd pairs (B first) show whether one
   session's thread pool, still spinning, slows the other's next run.
+* **Disturbed series.** `--series` raw interleaved series of the model against itself at
+  batch 1 (no re-measuring), each with its median and 10th percentile per session: a series
+  whose median stands over `export.DISTURBED` x its 10th percentile is one the engine
+  measures again (`export.interleaved_latency`, at most `export.MAX_SERIES` series).
 
 Prints Markdown; never asserts. The zoo models come from the zoo cache (trained once).
 """
@@ -95,6 +100,42 @@ def against_itself(args: argparse.Namespace, name: str, model: bytes, base: Base
     return lines
 
 
+DISTURBED_SERIES = [
+    "| model | series | A median / p10 (us) | B median / p10 (us) | spread | measured again |",
+    "|---|---:|---|---|---:|---|",
+]
+
+
+def disturbed_series(
+    args: argparse.Namespace, name: str, model: bytes, base: Baseline
+) -> list[str]:
+    """Raw series at batch 1 (MAX_SERIES forced to 1): which ones the engine would redo."""
+    lines = []
+    input_name = base.prep.loaded.model.input_name
+    sample = base.prep.data.x_test[:32].numpy()
+    keep = export_mod.MAX_SERIES
+    export_mod.MAX_SERIES = 1
+    try:
+        for i in range(args.series):
+            a, b = export_mod.interleaved_latency(
+                model, model, input_name, input_name, sample, 1, runs=30, threads=1
+            )
+            cols = []
+            for lat in (a, b):
+                srt = sorted(lat.times_ms)
+                cols.append(
+                    f"{1000 * lat.median_ms:.1f} / {1000 * srt[int(0.1 * (len(srt) - 1))]:.1f}"
+                )
+            lines.append(
+                f"| {name} | {i + 1} | {cols[0]} | {cols[1]} | {a.disturbance:.2f} "
+                f"| {'yes' if a.disturbance > export_mod.DISTURBED else 'no'} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    finally:
+        export_mod.MAX_SERIES = keep
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="mixer,vit")
@@ -106,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", default="1,0", help="onnxruntime intra-op threads to compare (0: all cores)"
     )
     p.add_argument("--torch-threads", type=int, default=2)
+    p.add_argument(
+        "--series", type=int, default=10, help="raw batch-1 series of the disturbed-series table"
+    )
     args = p.parse_args(argv)
     args.models = args.models.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
@@ -114,13 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     print(" ".join(sys.argv))
     print(f"{machine()}, torch threads {args.torch_threads}, {args.method} at {args.target} MACs\n")
     networks, itself = list(WHOLE_NETWORK), list(AGAINST_ITSELF)
+    disturbed = list(DISTURBED_SERIES)
     for name, model_path, data_path in zoo_models(args.models):
         base = prepare_model(model_path, data_path)  # load and analyse once per model
-        networks += whole_network(args, name, base)
+        disturbed += disturbed_series(args, name, model_path.read_bytes(), base)
+        if args.repeats:
+            networks += whole_network(args, name, base)
         itself += against_itself(args, name, model_path.read_bytes(), base)
     print("\n".join(networks))
     print()
     print("\n".join(itself))
+    print()
+    print("\n".join(disturbed))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
