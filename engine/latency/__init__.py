@@ -33,10 +33,18 @@ slower than one with a width that is a multiple of 8. So this module *measures*:
 * **Latency targets.** `target.latency = F` binary-searches the removal order's prefix
   against the *measured* latency of the really pruned network, exported to ONNX and timed
   alternately with the original (median of interleaved runs).
+* **Whole-network width sets.** One-op timings cannot see everything: layout changes
+  between layers, and on small feature maps the cost of a conv in whole *sets* of blocks
+  (onnxruntime 1.32, AVX2, batch 32 at 8x8: a 3x3 conv with 40 channels in and out took
+  2.1x the time of one with 32, for 1.6x the MACs; the zoo's vgg at half its MACs ran 1.44x
+  faster than the original with widths 24/24/48/48 and 1.82x with 16/32/32/64). So when the
+  method is cheap to re-run, the allocation is repeated with the coarse step S everywhere
+  and with the wide step 2S (conv groups at least 4S wide), each exported and timed against
+  the best so far in interleaved pairs, and kept only when faster head to head.
 * **Never slower.** After pruning, the exported network is timed against the original at
-  every reported batch size; if it is slower, the widths are chosen again — first with the
-  coarse step S everywhere, then without the groups whose time hardly falls with width —
-  and the fastest result is kept. The `gates.min_speedup` gate reports what remains.
+  every reported batch size; if it is slower, the widths are chosen again — with the
+  coarse, then the wide steps, then without the groups whose time hardly falls with
+  width — and the fastest result is kept. The `gates.min_speedup` gate reports what remains.
 
 The package: `ops` (one-op timings, the disk cache), `profiles` (per-group steps and
 weights), `network` (whole-network timing, latency search, never slower), `hooks` (what the

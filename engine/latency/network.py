@@ -339,13 +339,14 @@ def ensure_faster(
     every reported batch size (above `floor_ms`, when one is set) and choose its widths by
     whole-network measurement:
 
-    * `compare` (the method's allocation is cheap to re-run): the other width set — the
-      coarse step S everywhere — is always tried too, and kept when it `beats` the first
-      head to head (timed in interleaved pairs against it). One-op timings cannot see layout
+    * `compare` (the method's allocation is cheap to re-run): the other width sets — the
+      coarse step S everywhere, and the wide step 2S where a conv group has one
+      (`profiles._wide_step`) — are always tried too, each kept when it `beats` the best so
+      far head to head (timed in interleaved pairs against it). One-op timings cannot see layout
       changes *between* layers (a conv whose width leaves onnxruntime's blocked NCHWc layout
       forces reorders around it), the whole network can.
     * when the best so far is still slower than the original (sign test over the pairs),
-      the coarse widths (if not tried yet) and then fewer cut groups are tried.
+      the coarse and wide widths (if not tried yet) and then fewer cut groups are tried.
 
     Returns (result, details)."""
     if floor_ms > 0:
@@ -373,6 +374,9 @@ def ensure_faster(
     def coarse() -> None:
         lat.mode, lat.skip = "coarse", set()
 
+    def wide() -> None:
+        lat.mode, lat.skip = "wide", set()
+
     def fewer_cuts() -> None:
         # Leave uncut the groups whose measured time falls least per MAC removed.
         lat.mode = best_cfg[0] if best_cfg[0] not in ("fine", "exact") else "measured"
@@ -382,10 +386,14 @@ def ensure_faster(
     attempts: list[tuple[str, Callable[[], None]]] = []
     if lat.mode != "coarse":
         attempts.append(("coarse", coarse))
+    if lat.has_wide():
+        attempts.append(("wide", wide))
     attempts.append(("fewer cut layers", fewer_cuts))
     for label, change in attempts:
-        if label == "fewer cut layers" and not slower(best_s):
-            break
+        if label != "coarse" and not slower(best_s) and (label != "wide" or not compare):
+            # Not slower: fewer cut layers are never needed, and a method that is costly to
+            # re-run (`compare` off) is not re-run for a wide set it might not need.
+            continue
         change()
         if progress:
             why = (
@@ -402,7 +410,7 @@ def ensure_faster(
             continue
         cand_bytes = timer.export(module_of(candidate))
         cand_s = timer.speed_samples(cand_bytes, batches)
-        entry = row(lat.mode if label == "coarse" else label, cand_s)
+        entry = row(lat.mode if label in ("coarse", "wide") else label, cand_s)
         if slower(best_s):
             # Rescue: the kept network is slower than the original; the candidate that is
             # not, or whose slowest batch size gains most, is kept.

@@ -36,6 +36,7 @@ class GroupProfile:
     weight: float = 1.0  # measured time saved per MAC, relative to the median group
     matmul_only: bool = False  # every layer is a Linear/MatMul (no blocked conv layouts)
     big: int = 1  # the coarse step S (widths in whole NCHWc blocks / GEMM panels)
+    wide: int = 1  # the wide step 2S of a conv group at least 4S wide (`_wide_step`); else S
     align: int = 1  # any width of the group is a multiple of it (NCHWc conv input alignment)
 
     @property
@@ -88,6 +89,22 @@ def _big_step(channels: int, block: int = 1, matmul_only: bool = False) -> int:
     return max(panel, block)
 
 
+def _wide_step(channels: int, big: int, block: int, matmul_only: bool) -> int:
+    """The wide step of a conv group: twice the coarse step S once the group spans four of
+    them, else S. Small feature maps can reward widths in whole sets of blocks, not single
+    blocks: onnxruntime 1.32 on an AVX2 CPU (block 8), batch 32 at 8x8, ran a 3x3 conv with
+    32 in and out channels in 588 us, with 40 in 1230 us (x2.1 the time for x1.6 the MACs),
+    and the zoo's vgg at half its MACs ran 1.44x faster with widths 24/24/48/48 than the
+    original, 1.82x with 16/32/32/64. One-op timings at batch 1 do not show it (a few us of
+    dispatch per op hide it), so the width set is not chosen here: `network.ensure_faster`
+    times it against the others, whole network against whole network, and keeps it only
+    when it is faster head to head (on the AVX-512 machine of the earlier benchmarks it
+    need not be)."""
+    if matmul_only or block <= 1 or channels < 4 * big:
+        return big
+    return 2 * big
+
+
 def _probe_step(channels: int, big: int, block: int) -> int:
     """The step the per-layer probe starts from. A conv group narrower than two blocks has
     no width between "uncut" and "one block" on the block grid; its probe starts from the
@@ -113,7 +130,8 @@ class LatencyProfile:
     timer: OpTimer | None = field(default=None, repr=False)
     block: int = 1  # onnxruntime's NCHWc channel block on this CPU (1: none)
     align: int = 1  # and the input-channel alignment of its blocked convs
-    # Set by the never-slower loop: "measured" (default), "coarse" (step S everywhere), plus
+    # Set by the never-slower loop: "measured" (default), "coarse" (step S everywhere),
+    # "wide" (the wide step 2S of every conv group four steps S wide or more), plus
     # groups left uncut because their time hardly falls with width; by the budget search:
     # "fine" (the NCHWc alignment) and "exact" (steps of 1) when coarser steps miss it.
     mode: str = "measured"
@@ -122,11 +140,17 @@ class LatencyProfile:
     def steps(self) -> dict[str, int]:
         if self.mode == "coarse":
             return {n: max(g.step, g.big) for n, g in self.groups.items()}
+        if self.mode == "wide":
+            return {n: max(g.step, g.wide) for n, g in self.groups.items()}
         if self.mode == "fine":
             return {n: g.align for n, g in self.groups.items()}
         if self.mode == "exact":
             return {n: 1 for n in self.groups}
         return {n: g.step for n, g in self.groups.items()}
+
+    def has_wide(self) -> bool:
+        """Whether the wide widths differ from the coarse ones (some group has a wide step)."""
+        return any(g.wide > max(g.step, g.big) for g in self.groups.values())
 
     def align_of(self, name: str) -> int:
         """The width alignment of group `name` (1 for a group this profile does not know)."""
@@ -149,7 +173,7 @@ class LatencyProfile:
             g
             for g in self.groups.values()
             if g.name not in self.skip
-            and (g.matmul_only if self.mode == "coarse" else g.step == 1 or g.matmul_only)
+            and (g.matmul_only if self.mode in ("coarse", "wide") else g.step == 1 or g.matmul_only)
         ]
         return [g.name for g in sorted(flat, key=lambda g: (not g.matmul_only, g.weight))]
 
@@ -204,8 +228,11 @@ def profile(
         # Widths of a conv group off the alignment make its consumers fall back to plain NCHW.
         al = align if layers and not mm and block > 1 and c >= block else 1
         probe = _probe_step(c, big, block)
+        wide = _wide_step(c, big, block, mm or not layers)
         if not layers or probe == 1:
-            out[g.name] = GroupProfile(g.name, c, al, {}, {}, matmul_only=mm, big=big, align=al)
+            out[g.name] = GroupProfile(
+                g.name, c, al, {}, {}, matmul_only=mm, big=big, wide=wide, align=al
+            )
             continue
         m = max(probe, int(round(c / 2 / probe)) * probe)
         half = probe // 2
@@ -230,7 +257,9 @@ def profile(
                     step = s
                     break
         step = max(step, al)
-        out[g.name] = GroupProfile(g.name, c, step, times, macs, matmul_only=mm, big=big, align=al)
+        out[g.name] = GroupProfile(
+            g.name, c, step, times, macs, matmul_only=mm, big=big, wide=wide, align=al
+        )
     rates = [r for r in (p.time_per_mac for p in out.values()) if r is not None and r > 0]
     med = statistics.median(rates) if rates else 0.0
     for prof in out.values():

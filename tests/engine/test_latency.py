@@ -479,12 +479,14 @@ class _PairTimer:
         return {b: self.head_to_head[(net.decode(), against.decode())][b] for b in batches}
 
 
-def _choose(timer: _PairTimer, notes: list[str] | None = None) -> tuple[str, dict]:
+def _choose(
+    timer: _PairTimer, notes: list[str] | None = None, wide: bool = False
+) -> tuple[str, dict]:
     from types import SimpleNamespace
 
     from engine.latency.network import ensure_faster
 
-    lat = SimpleNamespace(mode="measured", skip=set(), groups={})
+    lat = SimpleNamespace(mode="measured", skip=set(), groups={}, has_wide=lambda: wide)
     notes = [] if notes is None else notes
     return ensure_faster(lat, timer, lambda: lat.mode, "measured", lambda r: r, (1, 32), notes)
 
@@ -515,6 +517,39 @@ def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
     # 5% faster by the median but only 12 of 20 pairs: noise, measured stays.
     noisy = {1: _pairs(1.05, 12, 0.97), 32: _pairs(1.05, 12, 0.97)}
     kept, _ = _choose(_PairTimer(vs_original, {("coarse", "measured"): noisy}))
+    assert kept == "measured"
+
+
+def test_the_wide_width_set_is_timed_too_and_kept_only_when_faster_head_to_head():
+    """A runtime that rewards whole sets of blocks (AVX2 at 8x8): coarse loses to measured
+    head to head, wide beats measured (the best so far) and is kept. Without a wide step in
+    the profile nothing more is timed; with one that is not faster, measured stays."""
+    vs_original = {
+        "measured": {1: _pairs(1.30, 18, 1.0), 32: _pairs(1.55, 20, 1.0)},
+        "coarse": {1: _pairs(1.20, 18, 1.0), 32: _pairs(1.43, 20, 1.0)},
+        "wide": {1: _pairs(1.45, 18, 1.0), 32: _pairs(1.85, 20, 1.0)},
+    }
+    h2h = {
+        ("coarse", "measured"): {1: _pairs(0.92, 18, 1.0), 32: _pairs(0.93, 18, 1.0)},
+        ("wide", "measured"): {1: _pairs(1.10, 18, 1.0), 32: _pairs(1.19, 20, 1.0)},
+    }
+    timer = _PairTimer(vs_original, h2h)
+    notes: list[str] = []
+    kept, details = _choose(timer, notes, wide=True)
+    assert kept == "wide" and details["kept"] == "wide"
+    assert [c["widths"] for c in details["checks"]] == ["measured", "coarse", "wide"]
+    assert timer.against == [b"measured", b"measured"]  # each against the best so far
+    assert details["checks"][2]["vs_kept"] == {"1": 1.1, "32": 1.19}
+    assert len(notes) == 1 and "coarse, wide tried, and wide kept" in notes[0], notes
+
+    kept, details = _choose(_PairTimer(vs_original, h2h), wide=False)
+    assert kept == "measured" and [c["widths"] for c in details["checks"]] == [
+        "measured",
+        "coarse",
+    ]
+
+    tie = {1: _pairs(1.01, 11, 0.99), 32: _pairs(0.99, 11, 1.01)}
+    kept, _ = _choose(_PairTimer(vs_original, {**h2h, ("wide", "measured"): tie}), wide=True)
     assert kept == "measured"
 
 
@@ -661,7 +696,8 @@ def test_coarse_widths_follow_the_runtimes_nchwc_block(block, align, tmp_path, m
     24-channel conv costs what a 32-channel one does and breaks the blocked layout around
     pooling. A 16-channel group keeps a finer measured step (it would otherwise have no width
     below "uncut"), and no conv group's width leaves the input alignment. Linear-only groups
-    follow GEMM panels whatever the block."""
+    follow GEMM panels whatever the block. With a block of 8 (AVX2) the 32-channel group also
+    has a wide step of 16 (two blocks), for the whole-network comparison."""
     from engine import graph
     from engine.latency import profiles
     from engine.latency.ops import NchwcLayout
@@ -684,8 +720,17 @@ def test_coarse_widths_follow_the_runtimes_nchwc_block(block, align, tmp_path, m
     measured = lat.steps()
     lat.mode = "coarse"
     coarse = lat.steps()
+    lat.mode = "wide"
+    wide = lat.steps()
     lat.mode = "fine"
     fine = lat.steps()
+    # The wide step is two coarse steps for a conv group four coarse steps wide or more:
+    # 32 channels with a block of 8 (steps 8 -> 16), never with 16 (32 < 4 x 16); never a
+    # Linear group's; and only then does the never-slower loop time a wide set at all.
+    assert wide[g24.name] == coarse[g24.name]
+    assert wide[g32.name] == (16 if block == 8 else coarse[g32.name])
+    assert wide[g16.name] == coarse[g16.name]
+    assert lat.has_wide() == (block == 8)
     if block == 16:
         assert coarse[g32.name] == 16 and coarse[g16.name] == 16
         assert measured[g16.name] in (4, 8)  # probed from the panel of 8, never off the alignment
