@@ -123,7 +123,7 @@ def annotate_layers(
             row.latency_before_us, row.latency_after_us = (round(v, 2) for v in times[row.name])
     return (
         f"per-layer latency: each layer alone as a one-op ONNX graph at batch 1 in {timer.runtime}, "
-        f"median of {timer.runs} interleaved runs (cached per shape)"
+        f"median of {timer.runs} runs, its original and pruned shapes timed in one interleaved series"
     )
 
 

@@ -391,7 +391,33 @@ class OpTimer:
             self._save()
         return [self._cache[k] for k in keys]
 
-    def _measure(self, items: list[tuple[str, OpSig]]) -> None:
+    def paired_times(self, pairs: Sequence[tuple[OpSig, OpSig]]) -> list[tuple[float, float]]:
+        """Each (before, after) pair measured now, its two sessions in the same interleaved
+        series (whatever the cache holds; a shape in two pairs is timed in both): values of
+        one shape measured minutes apart, in series with other shapes, moved by 2x for ops of
+        20-50 us (a 288 -> 192 channel 1x1 conv at 4x4 read 21 us cached before and 46 us
+        after, 48 / 41 us timed together)."""
+        out: list[tuple[float, float]] = []
+        if pairs:
+            time.sleep(SETTLE_S)
+        for i in range(0, len(pairs), 4):  # 4 pairs: at most 8 sessions in alternation
+            chunk = pairs[i : i + 4]
+            items: list[tuple[str, OpSig]] = []
+            where: list[tuple[int, int]] = []
+            for a, b in chunk:
+                ka, kb = a.key(self.batch), b.key(self.batch)
+                ia = len(items)
+                items.append((ka, a))
+                if kb != ka:  # an unchanged layer: one session, one number
+                    items.append((kb, b))
+                where.append((ia, len(items) - 1))
+            medians = self._measure(items)
+            out.extend((medians[ia], medians[ib]) for ia, ib in where)
+        if pairs:
+            self._save()
+        return out
+
+    def _measure(self, items: list[tuple[str, OpSig]]) -> list[float]:
         rng = np.random.default_rng(0)
         runs: list[tuple[Any, np.ndarray, list[float]]] = []
         for _key, sig in items:
@@ -410,6 +436,8 @@ class OpTimer:
                 t0 = time.perf_counter()
                 sess.run(None, {"x": x})
                 ts.append((time.perf_counter() - t0) * 1e6)
-        for (key, _sig), (_s, _x, ts) in zip(items, runs, strict=True):
-            self._cache[key] = float(statistics.median(ts))
+        medians = [float(statistics.median(ts)) for _s, _x, ts in runs]
+        for (key, _sig), m in zip(items, medians, strict=True):
+            self._cache[key] = m
         self.timed += len(items)
+        return medians

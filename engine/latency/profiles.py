@@ -283,8 +283,8 @@ def profile(
 def layer_latency(
     timer: OpTimer, before: dict[str, OpSig], after: dict[str, OpSig]
 ) -> dict[str, tuple[float, float]]:
-    """Per layer: measured one-op time (µs) at the original and at the pruned shape."""
+    """Per layer: measured one-op time (µs) at the original and at the pruned shape, the two
+    timed in one interleaved series (`OpTimer.paired_times`)."""
     names = [n for n in before if n in after]
-    ts = timer.times([before[n] for n in names] + [after[n] for n in names])
-    k = len(names)
-    return {n: (ts[i], ts[k + i]) for i, n in enumerate(names)}
+    ts = timer.paired_times([(before[n], after[n]) for n in names])
+    return dict(zip(names, ts, strict=True))

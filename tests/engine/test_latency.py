@@ -144,6 +144,34 @@ def test_measured_steps_are_cached_per_shape(tmp_path):
     assert not removal_order(groups, scores, "uniform", weights={"0": 0.0, "3": 0.0})
 
 
+def test_per_layer_latency_times_each_layers_two_shapes_in_one_series(tmp_path, monkeypatch):
+    """The report's per-layer before -> after: a cached value of the original's shape (from
+    the profile, minutes earlier, in series with other shapes) is not reused; both shapes of
+    a layer are timed now, in the same interleaved series, even when another layer shares
+    one of them (each is timed with its own pair)."""
+    from engine.latency import ops
+
+    big = ops.OpSig("conv", 32, 32, (8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    small = big.resized(32, 16)
+    timer = latency.OpTimer(threads=1, cache_path=tmp_path / "ops.json")
+    timer._cache[big.key(1)] = 1e6  # stale: measured in another series
+    series: list[list[str]] = []
+    measure = timer._measure  # each call: one interleaved series
+    monkeypatch.setattr(
+        timer, "_measure", lambda items: series.append([k for k, _ in items]) or measure(items)
+    )
+    # Five layers: "e" repeats "a"'s shapes after a series of four pairs; "c" is unchanged.
+    before = {"a": big, "b": big.resized(16, 32), "c": small, "d": big.resized(24, 24), "e": big}
+    after = {"a": small, "b": big.resized(16, 16), "c": small, "d": big.resized(16, 16), "e": small}
+    times = latency.layer_latency(timer, before, after)
+    assert set(times) == set(before)
+    assert all(0 < t < 1e5 for pair in times.values() for t in pair), times
+    assert times["c"][0] == times["c"][1]  # an unchanged layer: one session, one number
+    assert len(series) == 2 and series[1] == [big.key(1), small.key(1)], series
+    for name in before:
+        assert any({before[name].key(1), after[name].key(1)} <= set(keys) for keys in series)
+
+
 def test_layer_signatures_match_the_modules():
     sigs = latency.layer_sigs(_cnn(), torch.randn(1, 3, 16, 16))
     assert sigs["0"].cin == 3 and sigs["0"].cout == 64 and sigs["0"].spatial == (16, 16)
