@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,59 @@ def timing_baseline(loaded: load.LoadedModel, x32: np.ndarray, opset: int) -> by
         ).SerializeToString()
 
 
+# Calibration inputs the width sets' top-1 agreement with the original is measured on: at
+# most this many, and fewer for a large model (about AGREEMENT_MACS multiply-adds in all per
+# forward, a few seconds on a CPU), never fewer than 32.
+AGREEMENT_SAMPLES = 256
+AGREEMENT_MACS = 2e11
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out:
+        return _first_tensor(out[0])
+    if isinstance(out, dict) and out:
+        return _first_tensor(next(iter(out.values())))
+    return None
+
+
+def _outputs(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = _first_tensor(module(x.to(device)))
+    finally:
+        module.train(was_training)
+    return None if out is None else out.detach().float().cpu()
+
+
+def top1_agreement(
+    original: torch.nn.Module, calibration: torch.Tensor, macs: float
+) -> Callable[[Any], float | None] | None:
+    """A method result's share of calibration inputs (training data, never the test split)
+    on which its top-1 output (argmax over the last dimension: classes, or each position's
+    vocabulary) is the original's. None when the output has no classes to agree on."""
+    n = int(min(AGREEMENT_SAMPLES, max(32, AGREEMENT_MACS // max(macs, 1.0))))
+    x = calibration[:n]
+    if len(x) == 0:
+        return None
+    ref = _outputs(original, x)
+    if ref is None or ref.dim() < 2 or ref.shape[-1] < 2:
+        return None
+    want = ref.argmax(-1)
+
+    def agreement(result: Any) -> float | None:
+        out = _outputs(result.model, x)
+        if out is None or out.shape != ref.shape:
+            return None
+        return float((out.argmax(-1) == want).float().mean())
+
+    return agreement
+
+
 def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | None = None) -> Pruned:
     """Run the method (progressively when the schedule asks), then, when widths were chosen
     by measured latency, re-choose until the pruned network is not slower than the original."""
@@ -104,6 +158,7 @@ def prune(prep: Prepared, progress: StageProgress, *, latency_threads: int | Non
             # A latency target's search already chose the widths by timing whole networks;
             # comparing "faster" there would favour landing below the target.
             compare=method_seconds <= COMPARE_RERUN_S and spec.target.kind != "latency",
+            agreement=top1_agreement(prep.module, prep.calibration, prep.base_costs.macs),
         )
         speed_checks["method_seconds"] = round(method_seconds, 2)
     model = result.model.cpu().eval()

@@ -508,7 +508,10 @@ class _PairTimer:
 
 
 def _choose(
-    timer: _PairTimer, notes: list[str] | None = None, wide: bool = False
+    timer: _PairTimer,
+    notes: list[str] | None = None,
+    wide: bool = False,
+    agreement: dict[str, float] | None = None,
 ) -> tuple[str, dict]:
     from types import SimpleNamespace
 
@@ -516,7 +519,16 @@ def _choose(
 
     lat = SimpleNamespace(mode="measured", skip=set(), groups={}, has_wide=lambda: wide)
     notes = [] if notes is None else notes
-    return ensure_faster(lat, timer, lambda: lat.mode, "measured", lambda r: r, (1, 32), notes)
+    return ensure_faster(
+        lat,
+        timer,
+        lambda: lat.mode,
+        "measured",
+        lambda r: r,
+        (1, 32),
+        notes,
+        agreement=agreement.get if agreement else None,
+    )
 
 
 def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
@@ -579,6 +591,47 @@ def test_the_wide_width_set_is_timed_too_and_kept_only_when_faster_head_to_head(
     tie = {1: _pairs(1.01, 11, 0.99), 32: _pairs(0.99, 11, 1.01)}
     kept, _ = _choose(_PairTimer(vs_original, {**h2h, ("wide", "measured"): tie}), wide=True)
     assert kept == "measured"
+
+    # Faster, but it agrees with the original far less before recovery (resnet_basic: its
+    # wide widths cut half of some groups and none of others): not kept, and said so.
+    notes = []
+    kept, details = _choose(
+        _PairTimer(vs_original, h2h),
+        notes,
+        wide=True,
+        agreement={"measured": 0.45, "coarse": 0.44, "wide": 0.13},
+    )
+    assert kept == "measured"
+    assert [c.get("agreement") for c in details["checks"]] == [0.45, 0.44, 0.13]
+    assert "rejected" in details["checks"][2] and "rejected" not in details["checks"][1]
+    assert any("wide widths were faster head to head but not kept" in n for n in notes), notes
+    # Within AGREEMENT_DROP of the kept set: speed decides.
+    kept, _ = _choose(
+        _PairTimer(vs_original, h2h),
+        wide=True,
+        agreement={"measured": 0.45, "coarse": 0.44, "wide": 0.40},
+    )
+    assert kept == "wide"
+
+
+def test_top1_agreement_counts_matching_predictions_on_calibration_inputs():
+    """The width sets' accuracy proxy: the share of calibration inputs whose argmax is the
+    original's; none for an output without classes."""
+    from engine.stages import top1_agreement
+
+    torch.manual_seed(0)
+    original = nn.Linear(6, 4).eval()
+    x = torch.randn(100, 6)
+    agree = top1_agreement(original, x, macs=24)
+    assert agree is not None
+    assert agree(SimpleNamespace(model=original)) == 1.0
+    flipped = nn.Linear(6, 4).eval()
+    with torch.no_grad():
+        flipped.weight.copy_(-original.weight)
+        flipped.bias.copy_(-original.bias)
+    expected = float((flipped(x).argmax(-1) == original(x).argmax(-1)).float().mean())
+    assert expected < 0.5 and agree(SimpleNamespace(model=flipped)) == expected
+    assert top1_agreement(nn.Linear(6, 1), x, macs=6) is None  # a regression output
 
 
 def test_a_slower_first_allocation_is_replaced_by_one_that_is_not_slower():
