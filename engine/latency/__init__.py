@@ -38,9 +38,11 @@ slower than one with a width that is a multiple of 8. So this module *measures*:
   (onnxruntime 1.32, AVX2, batch 32 at 8x8: a 3x3 conv with 40 channels in and out took
   2.1x the time of one with 32, for 1.6x the MACs; the zoo's vgg at half its MACs ran 1.44x
   faster than the original with widths 24/24/48/48 and 1.82x with 16/32/32/64). So when the
-  method is cheap to re-run, the allocation is repeated with the coarse step S everywhere
-  and with the wide step 2S (conv groups at least 4S wide), each exported and timed against
-  the best so far in interleaved pairs, and kept only when faster head to head.
+  method is cheap to re-run, the allocation is repeated with the coarse step S everywhere,
+  exported and timed against the first in interleaved pairs, and kept only when faster
+  head to head and not much less in agreement with the original (before recovery). The
+  wide step 2S (conv groups at least 4S wide) halves some groups and leaves others whole,
+  which cost accuracy, so it is a rescue only (below).
 * **Never slower.** After pruning, the exported network is timed against the original at
   every reported batch size; if it is slower, the widths are chosen again — with the
   coarse, then the wide steps, then without the groups whose time hardly falls with

@@ -96,10 +96,11 @@ def _wide_step(channels: int, big: int, block: int, matmul_only: bool) -> int:
     32 in and out channels in 588 us, with 40 in 1230 us (x2.1 the time for x1.6 the MACs),
     and the zoo's vgg at half its MACs ran 1.44x faster with widths 24/24/48/48 than the
     original, 1.82x with 16/32/32/64. One-op timings at batch 1 do not show it (a few us of
-    dispatch per op hide it), so the width set is not chosen here: `network.ensure_faster`
-    times it against the others, whole network against whole network, and keeps it only
-    when it is faster head to head (on the AVX-512 machine of the earlier benchmarks it
-    need not be)."""
+    dispatch per op hide it). Halving some groups and leaving others whole costs accuracy
+    (the service's digits net: 79% -> 62% after one recovery epoch; resnet_basic 99.7% ->
+    98.1-98.6% after three), so `network.ensure_faster` tries this set only to rescue a
+    pruned network that is slower than the original, timed whole network against whole
+    network."""
     if matmul_only or block <= 1 or channels < 4 * big:
         return big
     return 2 * big

@@ -560,58 +560,50 @@ def test_width_sets_are_compared_head_to_head_not_by_speedups_measured_apart():
     assert kept == "measured"
 
 
-def test_the_wide_width_set_is_timed_too_and_kept_only_when_faster_head_to_head():
-    """A runtime that rewards whole sets of blocks (AVX2 at 8x8): coarse loses to measured
-    head to head, wide beats measured (the best so far) and is kept. Without a wide step in
-    the profile nothing more is timed; with one that is not faster, measured stays."""
-    vs_original = {
-        "measured": {1: _pairs(1.30, 18, 1.0), 32: _pairs(1.55, 20, 1.0)},
-        "coarse": {1: _pairs(1.20, 18, 1.0), 32: _pairs(1.43, 20, 1.0)},
-        "wide": {1: _pairs(1.45, 18, 1.0), 32: _pairs(1.85, 20, 1.0)},
+def test_the_wide_width_set_rescues_a_slower_network_and_is_not_tried_otherwise():
+    """The wide set (two coarse steps) is faster on small feature maps but costs accuracy, so
+    it is tried only while the kept widths are slower than the original: measured and coarse
+    are slower at batch 32, wide is not and is kept. When measured is not slower, wide is
+    not timed at all, even where it would be faster."""
+    slow = {
+        "measured": {1: _pairs(1.10, 18, 1.0), 32: _pairs(0.90, 18, 1.02)},
+        "coarse": {1: _pairs(1.05, 18, 1.0), 32: _pairs(0.92, 18, 1.02)},
+        "wide": {1: _pairs(1.20, 18, 1.0), 32: _pairs(1.30, 20, 1.0)},
     }
-    h2h = {
-        ("coarse", "measured"): {1: _pairs(0.92, 18, 1.0), 32: _pairs(0.93, 18, 1.0)},
-        ("wide", "measured"): {1: _pairs(1.10, 18, 1.0), 32: _pairs(1.19, 20, 1.0)},
-    }
-    timer = _PairTimer(vs_original, h2h)
     notes: list[str] = []
-    kept, details = _choose(timer, notes, wide=True)
+    kept, details = _choose(_PairTimer(slow, {}), notes, wide=True)
     assert kept == "wide" and details["kept"] == "wide"
     assert [c["widths"] for c in details["checks"]] == ["measured", "coarse", "wide"]
-    assert timer.against == [b"measured", b"measured"]  # each against the best so far
-    assert details["checks"][2]["vs_kept"] == {"1": 1.1, "32": 1.19}
-    assert len(notes) == 1 and "coarse, wide tried, and wide kept" in notes[0], notes
+    assert len(notes) == 1 and "was slower than the original" in notes[0], notes
+    kept, details = _choose(_PairTimer(slow, {}), wide=False)
+    assert kept == "measured" and details["checks"][-1]["widths"] == "fewer cut layers"
 
-    kept, details = _choose(_PairTimer(vs_original, h2h), wide=False)
-    assert kept == "measured" and [c["widths"] for c in details["checks"]] == [
-        "measured",
-        "coarse",
-    ]
-
-    tie = {1: _pairs(1.01, 11, 0.99), 32: _pairs(0.99, 11, 1.01)}
-    kept, _ = _choose(_PairTimer(vs_original, {**h2h, ("wide", "measured"): tie}), wide=True)
+    fast = {**slow, "measured": {1: _pairs(1.30, 18, 1.0), 32: _pairs(1.55, 20, 1.0)}}
+    h2h = {("coarse", "measured"): {1: _pairs(0.92, 18, 1.0), 32: _pairs(0.93, 18, 1.0)}}
+    kept, details = _choose(_PairTimer(fast, h2h), wide=True)
     assert kept == "measured"
+    assert [c["widths"] for c in details["checks"]] == ["measured", "coarse"]
 
-    # Faster, but it agrees with the original far less before recovery (resnet_basic: its
-    # wide widths cut half of some groups and none of others): not kept, and said so.
-    notes = []
+
+def test_a_faster_width_set_that_agrees_far_less_with_the_original_is_not_kept():
+    """Coarse beats measured head to head, but agrees with the original on 13% of the
+    calibration inputs against 45% before recovery: not kept, and said so. Within
+    AGREEMENT_DROP, speed decides."""
+    vs_original = {
+        "measured": {1: _pairs(1.30, 18, 1.0), 32: _pairs(1.55, 20, 1.0)},
+        "coarse": {1: _pairs(1.45, 18, 1.0), 32: _pairs(1.85, 20, 1.0)},
+    }
+    h2h = {("coarse", "measured"): {1: _pairs(1.10, 18, 1.0), 32: _pairs(1.19, 20, 1.0)}}
+    notes: list[str] = []
     kept, details = _choose(
-        _PairTimer(vs_original, h2h),
-        notes,
-        wide=True,
-        agreement={"measured": 0.45, "coarse": 0.44, "wide": 0.13},
+        _PairTimer(vs_original, h2h), notes, agreement={"measured": 0.45, "coarse": 0.13}
     )
     assert kept == "measured"
-    assert [c.get("agreement") for c in details["checks"]] == [0.45, 0.44, 0.13]
-    assert "rejected" in details["checks"][2] and "rejected" not in details["checks"][1]
-    assert any("wide widths were faster head to head but not kept" in n for n in notes), notes
-    # Within AGREEMENT_DROP of the kept set: speed decides.
-    kept, _ = _choose(
-        _PairTimer(vs_original, h2h),
-        wide=True,
-        agreement={"measured": 0.45, "coarse": 0.44, "wide": 0.40},
-    )
-    assert kept == "wide"
+    assert [c.get("agreement") for c in details["checks"]] == [0.45, 0.13]
+    assert "rejected" in details["checks"][1]
+    assert any("coarse widths were faster head to head but not kept" in n for n in notes), notes
+    kept, _ = _choose(_PairTimer(vs_original, h2h), agreement={"measured": 0.45, "coarse": 0.40})
+    assert kept == "coarse"
 
 
 def test_top1_agreement_counts_matching_predictions_on_calibration_inputs():
