@@ -380,11 +380,11 @@ def ensure_faster(
 
     history: list[dict[str, Any]] = [row(lat.mode, samples)]
     best, best_s, best_bytes, best_cfg = first, samples, first_bytes, (lat.mode, set(lat.skip))
-    best_agree = agreement(first) if agreement else None
-    if best_agree is not None:
-        history[0]["agreement"] = round(best_agree, 4)
     if not compare and not slower(samples):
         return first, {"checks": history}
+    best_agree = agreement(first) if agreement else None  # only where a choice follows
+    if best_agree is not None:
+        history[0]["agreement"] = round(best_agree, 4)
 
     def coarse() -> None:
         lat.mode, lat.skip = "coarse", set()
